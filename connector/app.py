@@ -1,0 +1,180 @@
+"""The Sanic application factory. Nothing is built at import time; shared objects live on ``app.ctx`` and are
+created in ``before_server_start`` and closed in ``after_server_stop``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from sanic import Request, Sanic
+from sanic.handlers import ErrorHandler
+from sanic.response import HTTPResponse
+from sanic.response import json as json_response
+from sanic_ext import Extend
+
+from connector.config import Settings
+from connector.errors import ApiError, PageError
+from connector.hookspecs import Provider
+from connector.inbox import Inbox
+from connector.journey.service import Journeys
+from connector.outbound import CoreServices, guarded_session
+from connector.plugins import Plugins, load_plugins
+from connector.sage.client import SageClient
+from connector.sage.ratelimit import RateLimiter
+from connector.security.crypto import SecretBox
+from connector.security.headers import SecurityHeaders
+from connector.security.tokens import JWKSCache, SageTokenVerifier
+from connector.storage import close_database, open_database
+from connector.tasks import spawn
+from connector.web import journey, machine, render
+
+log = logging.getLogger("connector.app")
+
+#: Paths answered as JSON; everything else is a page a person may see.
+MACHINE_PREFIXES = ("/notification", "/availableaccounts", "/health", "/ready", "/metrics", "/docs")
+
+
+def template_dirs(providers: dict[str, type[Provider]]) -> list[Path]:
+    here = Path(__file__).resolve().parent
+    dirs = [p for p in (here / "templates", here.parent / "templates") if p.is_dir()][:1]
+    dirs += [Path(cls.template_dir) for cls in providers.values() if getattr(cls, "template_dir", None)]
+    return dirs
+
+
+def is_machine(path: str) -> bool:
+    return path.startswith(MACHINE_PREFIXES) or path.endswith("/webhook")
+
+
+class Errors(ErrorHandler):
+    """The one place where an exception becomes an answer: JSON for machines, an accessible page for people."""
+
+    def default(self, request: Request, exception: Exception) -> HTTPResponse:  # type: ignore[override]
+        status = getattr(exception, "status_code", 500)
+        if isinstance(exception, ApiError):
+            return json_response({"error": exception.code, "message": exception.message},
+                                 status=exception.status, headers=exception.headers)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                400: "invalid_request"}.get(status, "internal_error")
+        if status >= 500:
+            log.error("unhandled error", exc_info=(type(exception), exception, None))
+        if is_machine(request.path):
+            err = ApiError(code if code != "invalid_request" or status == 400 else "invalid_request")
+            return json_response({"error": err.code, "message": err.message}, status=err.status)
+        return _page_fallback(request, PageError(code if code in ("not_found", "method_not_allowed")
+                                                 else "bad_request" if status < 500 else "internal_error"))
+
+
+def _page_fallback(request: Request, err: PageError) -> HTTPResponse:
+    """Rendered synchronously (the error handler is sync); async page errors go through the middleware below."""
+    env = request.app.ext.environment
+    body = env.get_template("error.html").render(
+        request=request, code=err.code, text=err.text, back_url=err.back_url, detail=None,
+        **render.step_context(None))
+    return HTTPResponse(body, status=err.status, content_type="text/html; charset=utf-8")
+
+
+def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str | None = None) -> Sanic:
+    plugins = plugins or load_plugins()
+    available = plugins.providers()
+    enabled = {n: available[n].cls for n in settings.enabled_providers() if n in available}
+
+    app = Sanic(name or f"connector-{uuid.uuid4().hex[:8]}", error_handler=Errors())
+    app.config.update(
+        REQUEST_MAX_SIZE=32 * 1024 * 1024,  # the largest per-route cap (a provider webhook); routes check theirs
+        REQUEST_MAX_HEADER_SIZE=8192,
+        PROXIES_COUNT=settings.server["proxies_count"] or None,
+        REAL_IP_HEADER=settings.server["real_ip_header"] or None,
+        KEEP_ALIVE_TIMEOUT=15,
+        FALLBACK_ERROR_FORMAT="json",
+    )
+    Extend(app, config={
+        "cors": False,
+        "templating_path_to_templates": [str(p) for p in template_dirs(enabled)],
+        "templating_enable_async": True,
+        "http_auto_trace": False,
+        "http_auto_options": False,
+    })
+    app.ctx.settings = settings
+    app.ctx.plugins = plugins
+    app.ctx.provider_titles = {n: getattr(cls, "title", n) for n, cls in enabled.items()}
+    security = settings.security
+    headers = SecurityHeaders(settings.public_url, security["frame_ancestors"], security["redirect_hosts"],
+                              security["allow_loopback_redirects"])
+    static = Path(template_dirs({})[0]) / "static"
+    if static.is_dir():
+        app.static("/static", static, name="static")
+
+    @app.on_request
+    async def request_id(request: Request) -> None:
+        request.ctx.request_id = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
+
+    @app.on_response
+    async def secure(request: Request, response: HTTPResponse) -> None:
+        page = not is_machine(request.path) and (response.content_type or "").startswith("text/html")
+        headers.apply(response.headers, page=page)
+
+    @app.exception(PageError)
+    async def page_error(request: Request, err: PageError) -> HTTPResponse:
+        return await render.error(request, err)
+
+    app.blueprint(journey.bp)
+    app.blueprint(machine.bp)
+
+    @app.before_server_start
+    async def start(app: Sanic, _: Any = None) -> None:
+        await open_database(settings.database["url"])
+        sage = settings.sage
+        app.ctx.box = SecretBox(settings.encryption_keys)
+        name, value = sage["notification_header"]["name"], sage["notification_header"]["value"]
+        app.ctx.notification_header = (name, value)
+        app.ctx.http = guarded_session([sage["jwks_url"], sage["token_url"], sage["provider_api_url"]])
+        jwks = JWKSCache(app.ctx.http, sage["jwks_url"])
+        app.ctx.jwks = jwks
+        app.ctx.verifier = SageTokenVerifier(jwks, issuer=sage["issuer"], audience=sage["audience"],
+                                             leeway=sage["clock_leeway_seconds"],
+                                             allowed_clients=sage["allowed_token_clients"])
+        app.ctx.limiter = RateLimiter(sage["requests_per_second"])
+        app.ctx.sage = SageClient(
+            app.ctx.http, token_url=sage["token_url"], client_id=sage["client_id"],
+            client_secret=sage["client_secret"], token_audience=sage["token_audience"],
+            api_url=sage["provider_api_url"], api_key=sage["api_key"], limiter=app.ctx.limiter)
+        app.ctx.providers = {
+            n: cls({k: v for k, v in settings.providers[n].items() if k != "enabled"},
+                   CoreServices(settings.public_url, n))
+            for n, cls in enabled.items()
+        }
+        app.ctx.journeys = Journeys(settings, app.ctx.providers, app.ctx.box, app.ctx.sage)
+        app.ctx.inbox = Inbox(settings, app.ctx.providers, app.ctx.box)
+        await app.ctx.inbox.process_pending()
+
+    @app.after_server_start
+    async def warm(app: Sanic, _: Any = None) -> None:
+        spawn(app, app.ctx.jwks.warm())
+
+    @app.before_server_stop
+    async def finish_tasks(app: Sanic, _: Any = None) -> None:
+        tasks = list(getattr(app.ctx, "tasks", ()))
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        for task in tasks:
+            task.cancel()
+
+    @app.after_server_stop
+    async def stop(app: Sanic, _: Any = None) -> None:
+        await app.ctx.jwks.close()
+        for provider in getattr(app.ctx, "providers", {}).values():
+            try:
+                await provider.close()
+            except Exception:
+                log.warning("provider close failed", exc_info=True)
+        http: aiohttp.ClientSession | None = getattr(app.ctx, "http", None)
+        if http is not None:
+            await http.close()
+        await close_database()
+
+    return app

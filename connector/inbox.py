@@ -1,0 +1,206 @@
+"""Notifications from Sage: checked, stored durably, answered, then acted on (product Decision 10).
+
+Storing is idempotent on ``(type, resource.type, resource.id)``. The work a notification triggers runs after the
+answer, from the stored row, so a crash after the 200 loses nothing: pending rows are processed again at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from connector.config import Settings
+from connector.hookspecs import Provider
+from connector.journey.consents import StoredConsent
+from connector.security.crypto import SecretBox
+from connector.storage import models
+
+log = logging.getLogger("connector.inbox")
+
+KNOWN = {
+    ("resourceCreated", "authorisation"),
+    ("resourceCreated", "bankAccount"),
+    ("resourceDeleted", "bankAccount"),
+}
+
+
+class EnvelopeError(ValueError):
+    """The body is JSON but not a notification envelope; the message names the field."""
+
+
+def parse_envelope(body: Any) -> tuple[str, str, str, Mapping[str, Any]]:
+    if not isinstance(body, dict):
+        raise EnvelopeError("the body must be a JSON object")
+    kind, resource = body.get("type"), body.get("resource")
+    if not isinstance(kind, str) or not kind:
+        raise EnvelopeError("type must be a non-empty string")
+    if not isinstance(resource, dict):
+        raise EnvelopeError("resource must be an object")
+    rid, rtype = resource.get("id"), resource.get("type")
+    if not isinstance(rid, str) or not 0 < len(rid) <= 64:
+        raise EnvelopeError("resource.id must be a string of 1 to 64 characters")
+    if not isinstance(rtype, str) or not 0 < len(rtype) <= 64:
+        raise EnvelopeError("resource.type must be a non-empty string")
+    extra = body.get("additionalData", {})
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict):
+        raise EnvelopeError("additionalData must be an object")
+    for name in ("bankId", "externalId", "requestedStartDate"):
+        if name in extra and not isinstance(extra[name], str):
+            raise EnvelopeError(f"additionalData.{name} must be a string")
+    if (kind, rtype) == ("resourceCreated", "authorisation"):
+        try:
+            uuid.UUID(rid)
+        except ValueError:
+            raise EnvelopeError("resource.id of an authorisation must be a UUID") from None
+        if not extra.get("bankId"):
+            raise EnvelopeError("additionalData.bankId is required for an authorisation")
+    if rtype == "bankAccount" and not extra.get("externalId"):
+        raise EnvelopeError("additionalData.externalId is required for a bank account")
+    if extra.get("requestedStartDate"):
+        try:
+            datetime.fromisoformat(extra["requestedStartDate"].replace("Z", "+00:00"))
+        except ValueError:
+            raise EnvelopeError("additionalData.requestedStartDate must be an ISO 8601 date-time") from None
+    return kind, rtype, rid, extra
+
+
+class Inbox:
+    def __init__(
+        self,
+        settings: Settings,
+        providers: Mapping[str, Provider],
+        box: SecretBox,
+        *,
+        on_account_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.box = box
+        self.ttl = timedelta(seconds=settings.security["authorisation_ttl_seconds"])
+        self.on_account_change = on_account_change
+
+    async def store(self, body: Mapping[str, Any], caller: str) -> tuple[models.Notification, bool]:
+        """Store a checked notification; return the row and whether it is new."""
+        kind, rtype, rid, extra = parse_envelope(body)
+        now = datetime.now(timezone.utc)
+        key = f"{kind}:{rtype}:{rid}"
+        try:
+            async with in_transaction():
+                row = await models.Notification.create(
+                    dedupe_key=key, type=kind, resource_type=rtype, resource_id=rid, payload=dict(body),
+                    caller=caller[:200], received_at=now,
+                )
+                if (kind, rtype) == ("resourceCreated", "authorisation"):
+                    await models.Authorisation.create(
+                        id=rid.lower(), sage_bank_id=extra["bankId"], received_at=now, expires_at=now + self.ttl
+                    )
+                    if self.settings.bank(extra["bankId"]) is None:
+                        log.warning("authorisation for a bank that is not configured", extra={"bank": extra["bankId"]})
+        except IntegrityError:
+            existing = await models.Notification.get(dedupe_key=key)
+            if existing.payload != dict(body):
+                log.warning("repeated notification differs from the first; the first is kept",
+                            extra={"notification": key})
+            return existing, False
+        if (kind, rtype) not in KNOWN:
+            log.info("notification of an unknown type stored and ignored", extra={"notification": key})
+        return row, True
+
+    async def process_pending(self) -> None:
+        for row in await models.Notification.filter(processed_at__isnull=True).order_by("id"):
+            await self.process(row)
+
+    async def process(self, row: models.Notification) -> None:
+        claimed = await models.Notification.filter(id=row.id, processed_at__isnull=True).update(
+            processed_at=datetime.now(timezone.utc))
+        if claimed != 1:
+            return  # another worker or instance took it
+        try:
+            outcome = await self._act(row)
+        except Exception:
+            log.exception("processing a notification failed", extra={"notification": row.dedupe_key})
+            await models.Notification.filter(id=row.id).update(processed_at=None, outcome="error")
+            return
+        await models.Notification.filter(id=row.id).update(outcome=outcome)
+
+    async def _act(self, row: models.Notification) -> str:
+        extra = row.payload.get("additionalData") or {}
+        match (row.type, row.resource_type):
+            case ("resourceCreated", "authorisation"):
+                return "stored"
+            case ("resourceCreated", "bankAccount"):
+                return await self._link(row, extra)
+            case ("resourceDeleted", "bankAccount"):
+                return await self._unlink(row.resource_id)
+        return "ignored"
+
+    async def _link(self, row: models.Notification, extra: Mapping[str, Any]) -> str:
+        account = await self._match_account(str(extra.get("externalId", "")))
+        if account is None:
+            log.warning("bank account notification for an unknown externalId", extra={"bank_account": row.resource_id})
+            return "unmatched"
+        start = extra.get("requestedStartDate")
+        if start:
+            first = datetime.fromisoformat(start.replace("Z", "+00:00")).date()
+        else:
+            log.warning("no requestedStartDate; the feed starts today", extra={"bank_account": row.resource_id})
+            first = row.received_at.date()
+        consent = await account.consent
+        state = "auth_required" if consent.status == "auth_required" else "linked"
+        _, created = await models.LinkedAccount.get_or_create(
+            bank_account_id=row.resource_id,
+            defaults={"account_id": account.id, "sage_bank_id": consent.sage_bank_id,
+                      "requested_start_date": first, "feed_state": state},
+        )
+        if created and self.on_account_change:
+            await self.on_account_change()
+        return "linked" if created else "already_linked"
+
+    async def _match_account(self, external_id: str) -> models.Account | None:
+        """Exact match first; else a compound ``<uuid>:<uuid>`` with exactly one known part (spec 7.17)."""
+        found = await models.Account.get_or_none(external_id=external_id)
+        if found or ":" not in external_id:
+            return found
+        matches = await models.Account.filter(external_id__in=external_id.split(":"))
+        return matches[0] if len(matches) == 1 else None
+
+    async def _unlink(self, bank_account_id: str) -> str:
+        link = await models.LinkedAccount.get_or_none(bank_account_id=bank_account_id).prefetch_related(
+            "account__consent")
+        if link is None:
+            return "unknown_account"
+        if link.deleted_at is None:
+            await models.LinkedAccount.filter(id=link.id).update(
+                deleted_at=datetime.now(timezone.utc), feed_state="stopped", feed_reason="deleted_in_sage")
+        consent = link.account.consent
+        remaining = await models.LinkedAccount.filter(
+            account__consent_id=consent.id, deleted_at__isnull=True).count()
+        if remaining == 0 and consent.status != "revoked":
+            await self._offboard(consent)
+        if self.on_account_change:
+            await self.on_account_change()
+        return "stopped"
+
+    async def _offboard(self, consent: models.Consent) -> None:
+        """Revoke provider access where possible, then erase the consent's secrets whatever happened."""
+        provider = self.providers.get(consent.provider)
+        bank = self.settings.bank(consent.sage_bank_id)
+        if provider is not None and bank is not None and consent.secrets_sealed:
+            try:
+                await provider.revoke(StoredConsent(consent, bank.info(), self.box))
+            except Exception as exc:
+                log.warning("provider revoke failed; secrets are erased anyway",
+                            extra={"provider": consent.provider, "error": type(exc).__name__})
+        await models.Consent.filter(id=consent.id).update(secrets_sealed=None, status="revoked",
+                                                          status_reason="no_linked_account")
+        log.info("consent offboarded", extra={"consent": consent.id})
+
+

@@ -1,0 +1,81 @@
+"""Outbound HTTP: every call leaves through a session that only reaches origins named in config.
+
+A provider's answer (a ``next`` link, an error text holding a URL, a redirect) can never make us call another host:
+the session refuses any origin outside its list and never follows redirects.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import aiohttp
+
+log = logging.getLogger("connector.outbound")
+
+
+class ForbiddenOrigin(aiohttp.ClientError):
+    """A request aimed at an origin outside the session's configured list."""
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def _origin_guard(allowed: frozenset[str]) -> aiohttp.ClientMiddlewareType:
+    async def guard(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+        target = origin(str(request.url))
+        if target not in allowed:
+            log.warning("outbound call refused", extra={"origin": target})
+            raise ForbiddenOrigin(f"origin {target} is not configured for this client")
+        response = await handler(request)
+        if 300 <= response.status < 400:
+            # Never followed: a redirect could lead to a host we did not configure.
+            response.release()
+            raise ForbiddenOrigin(f"{target} answered {response.status} (redirects are not followed)")
+        return response
+
+    return guard
+
+
+def guarded_session(
+    base_urls: Sequence[str],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 30.0,
+    connect_timeout: float = 5.0,
+) -> aiohttp.ClientSession:
+    """A session limited to ``base_urls``' origins that treats any redirect as an error."""
+    allowed = frozenset(origin(u) for u in base_urls)
+    connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout),
+        middlewares=(_origin_guard(allowed),),
+        raise_for_status=False,
+        trust_env=False,
+    )
+
+
+class CoreServices:
+    """The :class:`connector.hookspecs.ProviderServices` the core hands each provider instance."""
+
+    def __init__(self, public_url: str, provider_name: str) -> None:
+        self.public_url = public_url.rstrip("/")
+        self._name = provider_name
+
+    def callback_url(self) -> str:
+        return f"{self.public_url}/providers/{self._name}/callback"
+
+    def http_session(
+        self,
+        base_urls: Sequence[str],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+    ) -> aiohttp.ClientSession:
+        return guarded_session(base_urls, ssl_context=ssl_context, timeout=timeout)

@@ -1,0 +1,159 @@
+"""pytest fixtures for the connector's own tests and for third-party provider authors.
+
+* ``sage`` — the Sage stand-in (Sage ID + Provider API) on loopback;
+* ``connector_factory`` — start a real connector against it with the banks and providers you name;
+* ``sage_calls`` — sign and send notifications as Sage would (:class:`SageCalls`);
+* ``browser`` — a :class:`~connector.testing.driver.Driver` that walks pages by labels and button names.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from connector.plugins import Plugins, load_plugins
+from connector.testing.connector import (
+    RunningConnector,
+    SageEndpoints,
+    connector_config,
+    free_port,
+    settings_from,
+)
+from connector.testing.driver import Driver
+from connector.testing.sage import SageEmulator
+
+DEMO_BANK_ID = "10aaeee6-4691-4443-8198-df39aaa8007c"
+REDIRECT_PATH = "/api/v1/indirectredirect/"
+
+
+@dataclass
+class SageCalls:
+    """Calls Sage makes on the connector: signed notifications, then the browser's ``/auth`` URL."""
+
+    sage: SageEmulator
+    endpoints: SageEndpoints
+    connector_url: str
+    http: aiohttp.ClientSession
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {token or self.sage.identity.notification_token()}",
+            "Content-Type": "application/json",
+            self.endpoints.notification_header_name: self.endpoints.notification_header_value,
+        }
+
+    async def notify(self, body: Mapping[str, Any], *, headers: Mapping[str, str] | None = None,
+                     raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        async with self.http.post(f"{self.connector_url}/notification", data=data,
+                                  headers=dict(headers or self.headers())) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def announce(self, bank_id: str = DEMO_BANK_ID, authorisation_id: str | None = None) -> str:
+        """Send the 'authorisation created' notification; return the authorisation id."""
+        authorisation_id = authorisation_id or str(uuid.uuid4())
+        status, body = await self.notify({
+            "type": "resourceCreated",
+            "resource": {"id": authorisation_id, "type": "authorisation", "url": "NA"},
+            "additionalData": {"bankId": bank_id},
+        })
+        assert status == 200, body
+        return authorisation_id
+
+    async def account_created(self, external_id: str, bank_account_id: str | None = None,
+                              requested_start_date: str | None = "2025-01-01T00:00:00Z",
+                              bank_id: str = DEMO_BANK_ID) -> str:
+        bank_account_id = bank_account_id or str(uuid.uuid4())
+        extra = {"externalId": external_id, "bankId": bank_id}
+        if requested_start_date:
+            extra["requestedStartDate"] = requested_start_date
+        status, body = await self.notify({"type": "resourceCreated",
+                                          "resource": {"id": bank_account_id, "type": "bankAccount", "url": ""},
+                                          "additionalData": extra})
+        assert status == 200, body
+        return bank_account_id
+
+    async def account_deleted(self, bank_account_id: str, external_id: str, bank_id: str = DEMO_BANK_ID) -> None:
+        status, body = await self.notify({"type": "resourceDeleted",
+                                          "resource": {"id": bank_account_id, "type": "bankAccount", "url": "NA"},
+                                          "additionalData": {"externalId": external_id, "bankId": bank_id}})
+        assert status == 200, body
+
+    def redirect_uri(self) -> str:
+        return f"{self.sage.base_url}{REDIRECT_PATH}{uuid.uuid4()}"
+
+    def auth_url(self, authorisation_id: str, *, bank_id: str = DEMO_BANK_ID, state: str | None = None,
+                 redirect_uri: str | None = None, path: str = "/auth", **extra: str) -> str:
+        from urllib.parse import urlencode
+
+        params = {"bank": bank_id, "authorisation_id": authorisation_id,
+                  "redirect_uri": redirect_uri or self.redirect_uri(), "state": state or str(uuid.uuid4()), **extra}
+        return f"{self.connector_url}{path}?{urlencode(params)}"
+
+
+@pytest.fixture
+async def sage() -> AsyncIterator[SageEmulator]:
+    async with SageEmulator(rate=None) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def plugins() -> Plugins:
+    """The plugin manager the connector uses; override it to register only your own plugin."""
+    return load_plugins()
+
+
+ConnectorFactory = Callable[..., Awaitable[RunningConnector]]
+
+DEMO_BANKS: Sequence[Mapping[str, Any]] = (
+    {"sage_bank_id": DEMO_BANK_ID, "name": "Demo Bank", "provider": "demobank"},
+)
+
+
+@pytest.fixture
+async def connector_factory(sage: SageEmulator, plugins: Plugins, tmp_path) -> AsyncIterator[ConnectorFactory]:
+    running: list[RunningConnector] = []
+
+    async def start(*, banks: Sequence[Mapping[str, Any]] = DEMO_BANKS,
+                    providers: Mapping[str, Mapping[str, Any]] | None = None,
+                    database_url: str | None = None, extra: Mapping[str, Mapping[str, Any]] | None = None,
+                    endpoints: SageEndpoints | None = None) -> RunningConnector:
+        endpoints = endpoints or SageEndpoints(sage.base_url, sage.client_id, sage.client_secret, sage.api_key)
+        config = connector_config(
+            endpoints, database_url=database_url or f"sqlite://{tmp_path}/connector.sqlite3", port=free_port(),
+            banks=banks, providers=providers if providers is not None else {"demobank": {}}, extra=extra)
+        connector = RunningConnector(settings_from(config), plugins)
+        connector.endpoints = endpoints  # type: ignore[attr-defined]
+        running.append(await connector.start())
+        return connector
+
+    yield start
+    for connector in reversed(running):
+        await connector.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def connector(connector_factory: ConnectorFactory) -> RunningConnector:
+    return await connector_factory()
+
+
+@pytest.fixture
+def sage_calls(sage: SageEmulator, connector: RunningConnector, http: aiohttp.ClientSession) -> SageCalls:
+    return SageCalls(sage, connector.endpoints, connector.url, http)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def browser(http: aiohttp.ClientSession, sage: SageEmulator) -> Driver:
+    return Driver(http, stop_at=(sage.base_url + REDIRECT_PATH,))

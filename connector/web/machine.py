@@ -1,0 +1,104 @@
+"""Endpoints Sage's machines call: ``POST /notification`` and ``GET /availableaccounts``.
+
+Checks run in the order of spec 2.3: size, custom header, token, content type, JSON, envelope. Then the notification
+is stored and answered; the work it triggers runs after the answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse
+from sanic.response import json as json_response
+
+from connector.errors import ApiError
+from connector.tasks import spawn
+from connector.inbox import EnvelopeError
+from connector.journey import consents
+from connector.security.tokens import TokenError, www_authenticate
+from connector.storage import models
+from connector.types import ProviderError
+
+log = logging.getLogger("connector.web")
+
+bp = Blueprint("machine")
+
+MAX_NOTIFICATION_BYTES = 64 * 1024
+
+
+async def _verify(request: Request, scope: str) -> dict:
+    try:
+        claims = await request.app.ctx.verifier.verify(request.headers.get("authorization"), scope)
+    except TokenError as err:
+        log.info("token refused", extra={"reason": err.reason, "path": request.path})
+        raise ApiError(err.error, err.message, headers={"WWW-Authenticate": www_authenticate(err)}) from None
+    return dict(claims)
+
+
+def _check_header(request: Request) -> None:
+    name, expected = request.app.ctx.notification_header
+    values = request.headers.getall(name, [])
+    given = values[0].encode("utf-8", "surrogateescape") if len(values) == 1 else b""
+    # compare_digest on bytes: the time taken does not depend on where the values differ.
+    if not hmac.compare_digest(given, expected.encode()):
+        raise ApiError("invalid_notification_header")
+
+
+@bp.post("/notification")
+async def notification(request: Request) -> HTTPResponse:
+    if len(request.body) > MAX_NOTIFICATION_BYTES:
+        raise ApiError("payload_too_large")
+    _check_header(request)
+    claims = await _verify(request, "WebhooksLambda")
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError("unsupported_media_type")
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError("invalid_request", "The body is not valid JSON.") from None
+    inbox = request.app.ctx.inbox
+    try:
+        row, new = await inbox.store(body, caller=str(claims.get("azp") or claims.get("sub") or ""))
+    except EnvelopeError as exc:
+        raise ApiError("invalid_request", str(exc)) from None
+    if new:
+        spawn(request.app, inbox.process(row))
+    return json_response({"status": "accepted"})
+
+
+@bp.get("/availableaccounts")
+async def available_accounts(request: Request) -> HTTPResponse:
+    claims = await _verify(request, "ProviderAPI")
+    log.info("availableaccounts called", extra={"caller": claims.get("azp") or claims.get("sub")})
+    values = dict.get(request.get_args(keep_blank_values=True), "externalId", [])
+    if len(values) != 1 or not values[0] or len(values[0]) > 200:
+        raise ApiError("invalid_request", "externalId is required, once.")
+    account = await models.Account.get_or_none(external_id=values[0]).prefetch_related("consent")
+    if account is None or account.consent.status in ("revoked", "pending") or not account.consent.secrets_sealed:
+        raise ApiError("unknown_external_id")
+    ctx = request.app.ctx
+    consent = account.consent
+    provider = ctx.providers.get(consent.provider)
+    bank = ctx.settings.bank(consent.sage_bank_id)
+    if provider is not None and bank is not None:
+        try:
+            fresh = await provider.list_accounts(consents.StoredConsent(consent, bank.info(), ctx.box))
+            await consents.store_accounts(consent.id, fresh, ctx.box)
+        except ProviderError as exc:
+            # Spec 7.34: serve the last stored list when the provider can't answer.
+            log.warning("provider unavailable; serving the stored account list", extra={"code": exc.code})
+    rows = await models.Account.filter(consent_id=consent.id).order_by("id")
+    return json_response([
+        {
+            "accountType": row.account_type,
+            "accountName": f"{row.name} ••{row.account_identifier_hint}",
+            "externalId": row.external_id,
+            **{k: v for k, v in consents.patch_account(row, ctx.box).items()
+               if k in ("bankIdentifier", "accountIdentifier", "branchIdentifier")},
+        }
+        for row in rows
+    ])
