@@ -12,6 +12,8 @@ from typing import Any
 
 import aiohttp
 from sanic import Request, Sanic
+from jinja2 import Environment, FileSystemLoader
+from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
@@ -31,7 +33,8 @@ from connector.security.headers import SecurityHeaders
 from connector.security.tokens import JWKSCache, SageTokenVerifier
 from connector.storage import close_database, open_database
 from connector.tasks import spawn
-from connector.web import journey, machine, render
+from connector.metrics import Metrics
+from connector.web import journey, machine, ops, render
 
 log = logging.getLogger("connector.app")
 
@@ -46,36 +49,50 @@ def template_dirs(providers: dict[str, type[Provider]]) -> list[Path]:
     return dirs
 
 
+def is_journey(path: str) -> bool:
+    """Pages of a person's journey (and their error pages): the only ones Sage may frame."""
+    return path in ("/auth", "/authrefresh") or path.startswith("/journey/") or (
+        path.startswith("/providers/") and path.endswith("/callback"))
+
+
 def is_machine(path: str) -> bool:
     return path.startswith(MACHINE_PREFIXES) or path.endswith("/webhook")
 
 
 class Errors(ErrorHandler):
-    """The one place where an exception becomes an answer: JSON for machines, an accessible page for people."""
+    """The one place where an exception becomes an answer: JSON for machines, an accessible page for people.
+
+    Error pages render with a synchronous Jinja environment because Sanic calls this handler synchronously.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages: Environment | None = None
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:  # type: ignore[override]
-        status = getattr(exception, "status_code", 500)
         if isinstance(exception, ApiError):
             return json_response({"error": exception.code, "message": exception.message},
                                  status=exception.status, headers=exception.headers)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                400: "invalid_request"}.get(status, "internal_error")
-        if status >= 500:
-            log.error("unhandled error", exc_info=(type(exception), exception, None))
+        if isinstance(exception, PageError):
+            return self.page(request, exception)
+        status = getattr(exception, "status_code", 500)
+        if status >= 500 or not isinstance(exception, SanicException):
+            log.error("unhandled error", extra={"path": request.path, "error": type(exception).__name__})
+            status = 500
         if is_machine(request.path):
-            err = ApiError(code if code != "invalid_request" or status == 400 else "invalid_request")
+            code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                    500: "internal_error"}.get(status, "invalid_request")
+            err = ApiError(code)
             return json_response({"error": err.code, "message": err.message}, status=err.status)
-        return _page_fallback(request, PageError(code if code in ("not_found", "method_not_allowed")
-                                                 else "bad_request" if status < 500 else "internal_error"))
+        code = {404: "not_found", 405: "method_not_allowed", 500: "internal_error"}.get(status, "bad_request")
+        return self.page(request, PageError(code, status=status if status != 500 else None))
 
-
-def _page_fallback(request: Request, err: PageError) -> HTTPResponse:
-    """Rendered synchronously (the error handler is sync); async page errors go through the middleware below."""
-    env = request.app.ext.environment
-    body = env.get_template("error.html").render(
-        request=request, code=err.code, text=err.text, back_url=err.back_url, detail=None,
-        **render.step_context(None))
-    return HTTPResponse(body, status=err.status, content_type="text/html; charset=utf-8")
+    def page(self, request: Request, err: PageError) -> HTTPResponse:
+        assert self.pages is not None
+        body = self.pages.get_template("error.html").render(
+            request=request, code=err.code, text=err.text, back_url=err.back_url, detail=err.detail,
+            **render.step_context(None))
+        return HTTPResponse(body, status=err.status, content_type="text/html; charset=utf-8")
 
 
 def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str | None = None) -> Sanic:
@@ -83,7 +100,10 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
     available = plugins.providers()
     enabled = {n: available[n].cls for n in settings.enabled_providers() if n in available}
 
-    app = Sanic(name or f"connector-{uuid.uuid4().hex[:8]}", error_handler=Errors())
+    errors = Errors()
+    dirs = template_dirs(enabled)
+    errors.pages = Environment(loader=FileSystemLoader([str(d) for d in dirs]), autoescape=True)
+    app = Sanic(name or f"connector-{uuid.uuid4().hex[:8]}", error_handler=errors)
     app.config.update(
         REQUEST_MAX_SIZE=32 * 1024 * 1024,  # the largest per-route cap (a provider webhook); routes check theirs
         REQUEST_MAX_HEADER_SIZE=8192,
@@ -94,7 +114,7 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
     )
     Extend(app, config={
         "cors": False,
-        "templating_path_to_templates": [str(p) for p in template_dirs(enabled)],
+        "templating_path_to_templates": [str(p) for p in dirs],
         "templating_enable_async": True,
         "http_auto_trace": False,
         "http_auto_options": False,
@@ -115,15 +135,14 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
 
     @app.on_response
     async def secure(request: Request, response: HTTPResponse) -> None:
-        page = not is_machine(request.path) and (response.content_type or "").startswith("text/html")
-        headers.apply(response.headers, page=page)
-
-    @app.exception(PageError)
-    async def page_error(request: Request, err: PageError) -> HTTPResponse:
-        return await render.error(request, err)
+        headers.apply(response.headers, page=is_journey(request.path))
+        route = request.route.name.rsplit(".", 1)[-1] if request.route else "unmatched"
+        app.ctx.metrics.requests.labels(route, str(response.status)).inc()
 
     app.blueprint(journey.bp)
     app.blueprint(machine.bp)
+    app.blueprint(ops.bp)
+    app.ctx.metrics = Metrics()
 
     @app.before_server_start
     async def start(app: Sanic, _: Any = None) -> None:

@@ -7,8 +7,8 @@ import sys
 from functools import partial
 from typing import Sequence
 
-from connector.config import ConfigError, Problem, check_settings, load_settings, parse_settings
-from connector.plugins import PluginError, load_plugins
+from connector.config import ConfigError, Problem, check_settings, collect_problems, load_settings, parse_settings
+from connector.plugins import Plugins, PluginError, load_plugins
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -23,12 +23,28 @@ def build_app(config_path: str):  # a module-level factory, so Sanic's worker pr
     return create_app(settings, plugins, name="connector")
 
 
+def _plugins_or_problem() -> Plugins | Problem:
+    """The loaded plugins, or the reason they could not be loaded (a start-up error, printed without a traceback)."""
+    try:
+        plugins = load_plugins()
+        plugins.providers()  # two providers with one name is a start-up error too
+    except PluginError as err:
+        return Problem("plugins", str(err))
+    except Exception as err:  # a built-in plugin's import error, a hook implementation pluggy refuses
+        return Problem("plugins", f"provider plugins could not be loaded: {type(err).__name__}: {err}")
+    return plugins
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
+    plugins = _plugins_or_problem()
+    if isinstance(plugins, Problem):
+        _print_problems([plugins])
+        return 1
     try:
-        settings = load_settings(args.config, plugins=load_plugins())
+        settings = load_settings(args.config, plugins=plugins)
     except ConfigError as err:
         _print_problems(err.problems)
         return 1
@@ -50,30 +66,29 @@ def _print_problems(problems: Sequence[Problem]) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        plugins = load_plugins()
-        load_settings(args.config, plugins=plugins)
-    except PluginError as err:
-        _print_problems([Problem("plugins", str(err))])
-        return 1
-    except ConfigError as err:
-        _print_problems(err.problems)
+    _, problems = collect_problems(args.config, load_plugins=load_plugins)
+    if problems:
+        _print_problems(problems)
         return 1
     print(f"{args.config}: no problems found")
     return 0
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
-    import tomllib
+    from connector.config import read_config
 
-    plugins = load_plugins()
+    plugins = _plugins_or_problem()
+    if isinstance(plugins, Problem):
+        _print_problems([plugins])
+        return 1
     providers = plugins.providers()
     settings = None
     try:
-        with open(args.config, "rb") as fh:
-            settings, _ = parse_settings(tomllib.load(fh))
-    except (OSError, tomllib.TOMLDecodeError):
-        pass
+        settings, _ = parse_settings(read_config(args.config))
+    except ConfigError as err:
+        print(f"warning: {'; '.join(str(p) for p in err.problems)}; banks are not shown", file=sys.stderr)
+    if not providers:
+        print("no provider plugins are loaded")
     for name, entry in sorted(providers.items()):
         enabled = settings is not None and name in settings.enabled_providers()
         print(f"{name}  ({getattr(entry.cls, 'title', name)})  {'enabled' if enabled else 'not enabled'}")
@@ -88,6 +103,26 @@ def cmd_providers(args: argparse.Namespace) -> int:
             if problem.key.startswith("banks") or problem.key.startswith("providers"):
                 print(f"warning: {problem}", file=sys.stderr)
     return 0
+
+
+def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from connector.storage.rekey import RekeyError, rekey
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        _print_problems(err.problems)
+        return 1
+    try:
+        report = asyncio.run(rekey(settings))
+    except RekeyError as err:
+        print(f"rotate-keys: {err}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int)
     command("check-config", cmd_check_config, "check the config and print every problem with its key")
     command("providers", cmd_providers, "list loaded provider plugins and the banks mapped to each")
+    command("rotate-keys", cmd_rotate_keys,
+            "re-encrypt every stored secret under the first of security.encryption_keys")
     return top
 
 

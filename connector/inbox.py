@@ -20,6 +20,7 @@ from connector.hookspecs import Provider
 from connector.journey.consents import StoredConsent
 from connector.security.crypto import SecretBox
 from connector.storage import models
+from connector.types import WebhookResult
 
 log = logging.getLogger("connector.inbox")
 
@@ -113,6 +114,18 @@ class Inbox:
         if (kind, rtype) not in KNOWN:
             log.info("notification of an unknown type stored and ignored", extra={"notification": key})
         return row, True
+
+    async def store_webhook(self, provider: str, result: WebhookResult) -> bool:
+        """Store a verified provider webhook's dedupe key; a repeat returns False and does nothing (W2)."""
+        key = result.dedupe_key[:200]
+        try:
+            await models.Notification.create(
+                dedupe_key=key, type="providerWebhook", resource_type=provider[:64], resource_id=key[-64:],
+                payload={"consents": list(result.provider_consent_ids)}, received_at=datetime.now(timezone.utc),
+                processed_at=datetime.now(timezone.utc), outcome="stored")
+        except IntegrityError:
+            return False
+        return True
 
     async def process_pending(self) -> None:
         for row in await models.Notification.filter(processed_at__isnull=True).order_by("id"):

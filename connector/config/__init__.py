@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import re
 import tomllib
@@ -18,7 +19,8 @@ from connector.hookspecs import BankInfo
 if TYPE_CHECKING:
     from connector.plugins import Plugins
 
-__all__ = ["ConfigError", "Problem", "Settings", "load_settings", "check_settings"]
+__all__ = ["ConfigError", "Problem", "Settings", "check_settings", "collect_problems", "load_settings",
+           "parse_settings", "read_config"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -104,14 +106,36 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "table": (dict,),
 }
 
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "list[str]": "a list of strings",
+    "table": "a table",
+}
+
+_TOML_TYPE_NAMES = {
+    "str": "a string",
+    "int": "a whole number",
+    "float": "a decimal number",
+    "bool": "a boolean",
+    "list": "an array",
+    "dict": "a table",
+}
+
 
 def _check_key(spec: Key, value: Any, key: str, problems: list[Problem]) -> Any:
     expected = _TYPES[spec.kind]
     if not isinstance(value, expected) or (spec.kind in ("int", "float") and isinstance(value, bool)):
-        problems.append(Problem(key, f"must be {spec.kind.replace('table', 'a table')}, got {type(value).__name__}"))
+        got = _TOML_TYPE_NAMES.get(type(value).__name__, type(value).__name__)
+        problems.append(Problem(key, f"must be {_TYPE_NAMES[spec.kind]}, got {got}"))
         return spec.default
     if spec.kind == "list[str]" and not all(isinstance(v, str) for v in value):
         problems.append(Problem(key, "must be a list of strings"))
+        return spec.default
+    if spec.kind == "float" and not math.isfinite(value):
+        problems.append(Problem(key, "must be a finite number"))
         return spec.default
     if spec.choices and value not in spec.choices:
         problems.append(Problem(key, f"must be one of {', '.join(spec.choices)}; got {value!r}"))
@@ -121,9 +145,11 @@ def _check_key(spec: Key, value: Any, key: str, problems: list[Problem]) -> Any:
     if spec.maximum is not None and value > spec.maximum:
         problems.append(Problem(key, f"must be at most {spec.maximum:g}"))
     if spec.check and not (spec.kind == "str" and value == "" and not spec.required):
-        message = spec.check(value)
-        if message:
-            problems.append(Problem(key, message))
+        found = spec.check(value)
+        if isinstance(found, tuple):
+            problems.append(Problem(f"{key}.{found[0]}", found[1]))
+        elif found:
+            problems.append(Problem(key, found))
     if spec.required and spec.kind == "str" and not value:
         problems.append(Problem(key, "is required and must not be empty"))
     return value
@@ -151,7 +177,9 @@ def _section(section: Section, raw: Any, prefix: str, problems: list[Problem]) -
     return out
 
 
-def _decode_keys(values: list[str], problems: list[Problem]) -> tuple[bytes, ...]:
+def _decode_keys(values: list[str] | None, problems: list[Problem]) -> tuple[bytes, ...]:
+    if values is None:  # missing or of the wrong type: already reported by the schema check
+        return ()
     keys: list[bytes] = []
     for i, text in enumerate(values):
         key = f"security.encryption_keys[{i}]"
@@ -164,7 +192,8 @@ def _decode_keys(values: list[str], problems: list[Problem]) -> tuple[bytes, ...
             problems.append(Problem(key, f"must decode to 32 bytes (AES-256), got {len(raw)}"))
             continue
         if raw in keys:
-            problems.append(Problem(key, "repeats an earlier key"))
+            problems.append(Problem(key, f"repeats security.encryption_keys[{keys.index(raw)}]; every key must be "
+                                         "distinct"))
             continue
         keys.append(raw)
     if not values:
@@ -189,6 +218,7 @@ def parse_settings(
     problems: list[Problem] = []
     data = _interpolate(dict(raw), "", os.environ if env is None else env, problems)
     problems = [Problem(p.key.lstrip("."), p.message) for p in problems]
+    unset = list(problems)  # a variable that is not set is reported once, not again as an empty or invalid value
     known = {s.name for s in SECTIONS} | {"providers"}
     for name in data:
         if name not in known:
@@ -207,16 +237,19 @@ def parse_settings(
     if not isinstance(raw_banks, list):
         problems.append(Problem("banks", "must be an array of tables ([[banks]])"))
         raw_banks = []
-    seen_ids: set[str] = set()
+    seen_ids: dict[str, int] = {}
     for i, table in enumerate(raw_banks):
         entry = _section(BANKS, table, f"banks[{i}]", problems)
         bank_id = entry["sage_bank_id"]
-        if bank_id and bank_id in seen_ids:
-            problems.append(Problem(f"banks[{i}].sage_bank_id", "is used by another bank"))
-        seen_ids.add(bank_id)
+        if isinstance(bank_id, str) and bank_id:
+            if bank_id.lower() in seen_ids:
+                problems.append(Problem(f"banks[{i}].sage_bank_id",
+                                        f"is also the sage_bank_id of banks[{seen_ids[bank_id.lower()]}]"))
+            else:
+                seen_ids[bank_id.lower()] = i
         banks.append(Bank(**{k: entry[k] for k in (
             "sage_bank_id", "name", "provider", "provider_bank", "country_code", "url", "options")}))
-    keys = _decode_keys(sections["security"]["encryption_keys"] or [], problems)
+    keys = _decode_keys(sections["security"]["encryption_keys"], problems)
     settings = Settings(
         server=sections["server"],
         database=sections["database"],
@@ -229,7 +262,17 @@ def parse_settings(
         path=path,
         encryption_keys=keys,
     )
-    return settings, problems
+    return settings, _without_echoes(problems, unset)
+
+
+def _without_echoes(problems: list[Problem], unset: list[Problem]) -> list[Problem]:
+    """Drop problems that only repeat an unset variable (an empty value failing its checks) at or above its key."""
+    missing = {p.key for p in unset}
+
+    def echoes(problem: Problem) -> bool:
+        return any(m == problem.key or m.startswith((problem.key + ".", problem.key + "[")) for m in missing)
+
+    return [p for p in problems if p in unset or not echoes(p)]
 
 
 def check_settings(settings: Settings, plugins: Plugins) -> list[Problem]:
@@ -239,11 +282,13 @@ def check_settings(settings: Settings, plugins: Plugins) -> list[Problem]:
     enabled = settings.enabled_providers()
     for name, table in settings.providers.items():
         if name not in available:
-            problems.append(Problem(f"providers.{name}", f"no provider plugin named {name!r} is loaded"))
+            loaded = ", ".join(sorted(available)) or "none"
+            problems.append(Problem(f"providers.{name}",
+                                    f"no provider plugin named {name!r} is loaded (loaded: {loaded})"))
         elif name in enabled:
             options = {k: v for k, v in table.items() if k != "enabled"}
-            for key, message in available[name].cls.check_config(options):
-                problems.append(Problem(f"providers.{name}.{key}", message))
+            problems += _plugin_problems(f"providers.{name}", available[name].origin,
+                                         lambda cls=available[name].cls, o=options: cls.check_config(o))
     for i, bank in enumerate(settings.banks):
         if bank.provider not in available:
             loaded = ", ".join(sorted(available)) or "none"
@@ -254,21 +299,64 @@ def check_settings(settings: Settings, plugins: Plugins) -> list[Problem]:
             problems.append(Problem(f"banks[{i}].provider",
                                     f"provider {bank.provider!r} has no enabled [providers.{bank.provider}] table"))
             continue
-        for key, message in available[bank.provider].cls.check_bank(bank.info()):
-            problems.append(Problem(f"banks[{i}].{key}", message))
+        entry = available[bank.provider]
+        problems += _plugin_problems(f"banks[{i}]", entry.origin,
+                                     lambda cls=entry.cls, info=bank.info(): cls.check_bank(info))
     return problems
+
+
+def _plugin_problems(prefix: str, origin: str, check: Any) -> list[Problem]:
+    """A plugin's own ``(key, message)`` pairs under ``prefix``; a plugin that crashes is a problem, not a crash."""
+    try:
+        return [Problem(f"{prefix}.{key}" if key else prefix, str(message)) for key, message in check()]
+    except Exception as exc:
+        return [Problem(prefix, f"the provider's own check failed ({origin}): {type(exc).__name__}: {exc}")]
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed TOML of ``path``, or :class:`ConfigError` (file missing or unreadable, TOML syntax error)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(file), "config file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(str(file), f"config file cannot be read: {exc}")]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(file), f"not valid TOML: {exc}")]) from None
+
+
+def collect_problems(path: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+                     load_plugins: Any = None) -> tuple[Settings | None, list[Problem]]:
+    """Every problem of the file at ``path``, for ``check-config``.
+
+    ``load_plugins`` (a callable returning :class:`~connector.plugins.Plugins`) is called even when the file has
+    problems; a plugin that fails to load is reported under the key ``plugins`` next to the file's own problems,
+    and only the checks that need plugins are skipped.
+    """
+    try:
+        raw = read_config(path)
+    except ConfigError as err:
+        return None, list(err.problems)
+    settings, problems = parse_settings(raw, env, Path(path))
+    if load_plugins is not None:
+        try:
+            problems += check_settings(settings, load_plugins())
+        except Exception as exc:  # PluginError, a plugin's import error, a pluggy validation error
+            from connector.plugins import PluginError
+
+            message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+            problems.append(Problem("plugins", f"provider plugins could not be loaded: {message}"))
+    return settings, problems
 
 
 def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None,
                   plugins: Plugins | None = None) -> Settings:
     """Read, check and return the settings, or raise :class:`ConfigError` listing every problem."""
     file = Path(path)
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([Problem(str(file), "config file not found")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem(str(file), f"not valid TOML: {exc}")]) from None
+    raw = read_config(file)
     settings, problems = parse_settings(raw, env, file)
     if plugins is not None:
         problems += check_settings(settings, plugins)

@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-Check = Callable[[Any], str | None]
+#: A value check: ``None`` when valid, a message, or ``(sub_key, message)`` for a problem inside a table value.
+Check = Callable[[Any], "str | tuple[str, str] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,27 +43,64 @@ class Section:
         return next((k for k in self.keys if k.name == name), None)
 
 
+def is_loopback(host: str | None) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _url(value: Any) -> str | None:
     from urllib.parse import urlsplit
 
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        hostname, _ = parts.hostname, parts.port  # .port raises on a port that is not a number or out of range
+    except ValueError:
         return "must be an absolute http(s) URL"
-    if parts.query or parts.fragment:
+    if parts.scheme not in ("http", "https") or not hostname:
+        return "must be an absolute http(s) URL"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry a user name or password"
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
         return "must not carry a query or fragment"
-    if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+    if parts.scheme == "http" and not is_loopback(hostname):
         return "must use https (plain http is allowed only for loopback hosts)"
     return None
 
 
-def _header_table(value: Any) -> str | None:
+def _header_table(value: Any) -> str | tuple[str, str] | None:
     if not isinstance(value, Mapping) or set(value) != {"name", "value"}:
         return 'must be a table with exactly "name" and "value"'
     name, secret = value["name"], value["value"]
     if not isinstance(name, str) or not name.isascii() or not name.replace("-", "").isalnum():
-        return "name must be an HTTP header name (letters, digits and dashes)"
+        return "name", "must be an HTTP header name (letters, digits and dashes)"
     if not isinstance(secret, str) or len(secret) < 32:
-        return "value must be at least 32 characters (use 32 random bytes, base64url)"
+        return "value", "must be at least 32 characters (use 32 random bytes, base64url)"
+    return None
+
+
+DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql", "asyncpg", "psycopg", "mysql")
+
+
+def _database_url(value: Any) -> str | None:
+    scheme, sep, rest = str(value).partition("://")
+    if not sep or scheme not in DATABASE_SCHEMES or not rest:
+        return f"must be a database URL such as sqlite://data/connector.sqlite3 or postgres://user@host/db " \
+               f"(schemes: {', '.join(DATABASE_SCHEMES)})"
+    return None
+
+
+def _country(value: Any) -> str | None:
+    if not (isinstance(value, str) and len(value) == 2 and value.isascii() and value.isalpha() and value.isupper()):
+        return "must be an ISO 3166 alpha-2 country code in capitals, such as GB"
     return None
 
 
@@ -89,7 +127,7 @@ DATABASE = Section(
     "Where sessions, consents, accounts and notifications are stored.",
     (
         Key("url", "str", "Tortoise database URL: sqlite://path (the default) or postgres://user@host/db.",
-            default="sqlite://data/connector.sqlite3"),
+            default="sqlite://data/connector.sqlite3", check=_database_url),
     ),
 )
 
@@ -136,7 +174,7 @@ SAGE = Section(
         Key("environment", "str", "Preset for every Sage URL below.", default="sandbox",
             choices=("sandbox", "production")),
         Key("region", "str", "Provider API region preset.", default="eu", choices=("eu", "us")),
-        Key("issuer", "str", "Expected `iss` of Sage ID tokens (overrides the preset).", default=""),
+        Key("issuer", "str", "Expected `iss` of Sage ID tokens (overrides the preset).", default="", check=_url),
         Key("audience", "str", "Expected `aud` of Sage ID tokens sent to us (overrides the preset).", default=""),
         Key("jwks_url", "str", "Sage ID key set (overrides the preset).", default="", check=_url),
         Key("token_url", "str", "Sage ID token endpoint for our client-credentials token (overrides the preset).",
@@ -198,7 +236,8 @@ BANKS = Section(
         Key("name", "str", "The bank's name as shown to people.", required=True),
         Key("provider", "str", "Name of the provider plugin serving this bank.", required=True),
         Key("provider_bank", "str", "The provider's own id for this bank.", default=""),
-        Key("country_code", "str", "Country sent to Sage by `banks sync` (ISO 3166 alpha-2).", default="GB"),
+        Key("country_code", "str", "Country sent to Sage by `banks sync` (ISO 3166 alpha-2).", default="GB",
+            check=_country),
         Key("url", "str", "The bank's public website, sent to Sage by `banks sync`.", default="https://example.com",
             check=_url),
         Key("options", "table", "Provider-specific options for this bank, checked by the provider.", default={}),

@@ -6,6 +6,7 @@ provider ``state``) is consumed by one conditional UPDATE so the database decide
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import uuid
@@ -369,7 +370,7 @@ class Journeys:
             return value
 
         return Flow(
-            journey_id=journey.handle[:16],
+            journey_id=hashlib.sha256(journey.handle.encode()).hexdigest()[:16],
             kind=JourneyKind(journey.kind),
             bank=bank.info(),
             state=state,

@@ -47,6 +47,7 @@ class _Parser(HTMLParser):
         self._link_text: list[str] = []
         self._button: Control | None = None
         self._select: Control | None = None
+        self._select_chosen = False  # an option of the open <select> carried ``selected``
         self._option: str | None = None
         self._skip = 0
 
@@ -66,9 +67,12 @@ class _Parser(HTMLParser):
             self.forms[-1].controls.append(self._button)
         elif tag == "select" and self.forms:
             self._select = Control("select", "select", attrs.get("name", ""), "", attrs.get("id", ""))
+            self._select_chosen = False
             self.forms[-1].controls.append(self._select)
         elif tag == "option" and self._select is not None:
             self._option = attrs.get("value", "")
+            if "selected" in attrs:
+                self._select.value, self._select_chosen = self._option, True
         elif tag == "label":
             self._label_for, self._label_text = attrs.get("for", ""), []
         elif tag == "h1":
@@ -90,6 +94,9 @@ class _Parser(HTMLParser):
         elif tag == "button":
             self._button = None
         elif tag == "select":
+            # As a browser does: without a ``selected`` option, the first option is the select's value.
+            if self._select is not None and not self._select_chosen and self._select.options:
+                self._select.value = self._select.options[0][0]
             self._select = None
 
     def handle_data(self, data: str) -> None:
@@ -144,6 +151,8 @@ class Driver:
     def __init__(self, session: aiohttp.ClientSession, stop_at: tuple[str, ...]) -> None:
         self.session = session
         self.stop_at = stop_at
+        #: every redirect followed, oldest first: (method, url, status, Location as sent)
+        self.hops: list[tuple[str, str, int, str]] = []
 
     async def get(self, url: str) -> Page:
         return await self._go("GET", url, None)
@@ -155,7 +164,9 @@ class Driver:
             async with self.session.request(method, url, data=data, allow_redirects=False) as resp:
                 body = await resp.text()
                 if resp.status in (301, 302, 303, 307, 308):
-                    assert method == "GET" or resp.status == 303, f"a post answered {resp.status}, not 303"
+                    self.hops.append((method, url, resp.status, resp.headers["Location"]))
+                    assert method == "GET" or resp.status in (302, 303), \
+                        f"a post answered {resp.status}, not 303"
                     url, method, data = urljoin(url, resp.headers["Location"]), "GET", None
                     continue
                 return Page(str(resp.url), resp.status, body)

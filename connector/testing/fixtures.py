@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -116,17 +117,41 @@ DEMO_BANKS: Sequence[Mapping[str, Any]] = (
 )
 
 
+#: Set to a PostgreSQL server URL (``postgres://user@host:port``) to run the suite on PostgreSQL: each test then
+#: gets a fresh database on that server, dropped afterwards.
+POSTGRES_ENV = "CONNECTOR_TEST_POSTGRES"
+
+
 @pytest.fixture
-async def connector_factory(sage: SageEmulator, plugins: Plugins, tmp_path) -> AsyncIterator[ConnectorFactory]:
+async def database_url(tmp_path) -> AsyncIterator[str]:
+    server = os.environ.get(POSTGRES_ENV)
+    if not server:
+        yield f"sqlite://{tmp_path}/connector.sqlite3"
+        return
+    import asyncpg
+
+    name = f"connector_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(f"{server.rstrip('/')}/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"{server.rstrip('/')}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def connector_factory(sage: SageEmulator, plugins: Plugins, database_url: str
+                            ) -> AsyncIterator[ConnectorFactory]:
     running: list[RunningConnector] = []
 
     async def start(*, banks: Sequence[Mapping[str, Any]] = DEMO_BANKS,
                     providers: Mapping[str, Mapping[str, Any]] | None = None,
-                    database_url: str | None = None, extra: Mapping[str, Mapping[str, Any]] | None = None,
+                    database: str | None = None, extra: Mapping[str, Mapping[str, Any]] | None = None,
                     endpoints: SageEndpoints | None = None) -> RunningConnector:
         endpoints = endpoints or SageEndpoints(sage.base_url, sage.client_id, sage.client_secret, sage.api_key)
         config = connector_config(
-            endpoints, database_url=database_url or f"sqlite://{tmp_path}/connector.sqlite3", port=free_port(),
+            endpoints, database_url=database or database_url, port=free_port(),
             banks=banks, providers=providers if providers is not None else {"demobank": {}}, extra=extra)
         connector = RunningConnector(settings_from(config), plugins)
         connector.endpoints = endpoints  # type: ignore[attr-defined]

@@ -275,7 +275,8 @@ class WebauthSession:
 class PowensEmulator:
     """``async with PowensEmulator() as powens:`` then point ``providers.powens.base_url`` at ``powens.base_url``."""
 
-    def __init__(self, *, client_id: str = CLIENT_ID, host: str = "127.0.0.1") -> None:
+    def __init__(self, *, client_id: str = CLIENT_ID, host: str = "127.0.0.1", port: int = 0) -> None:
+        """``port=0`` picks a free port (tests); ``connector demo`` may fix one."""
         self.client_id = client_id
         self.client_secret = secrets.token_urlsafe(24)
         self.webhook_secret = secrets.token_urlsafe(32)
@@ -296,7 +297,8 @@ class PowensEmulator:
         self.webauth_error: tuple[str, str] | None = None  # force (error, error_description) on "Allow"
         self.allowed_redirect_uris: set[str] | None = None  # console whitelist; None accepts any
         self.rate_limit_per_minute: int | None = None
-        self.webhook_url: str | None = None
+        self.webhook_url: str | None = None  # where background syncs POST their CONNECTION_SYNCED
+        self.webhook_signed_path: str | None = None  # the registered URL's path, if a proxy changes it
         # --- state ---
         self._now = datetime.now(UTC).replace(microsecond=0)
         self.key = _new_key()
@@ -319,7 +321,7 @@ class PowensEmulator:
         self._ids = itertools.count(100)
         self._webhook_ids = itertools.count(900_000)
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port
 
     # --- life cycle --------------------------------------------------------------------------------------------
 
@@ -371,7 +373,7 @@ class PowensEmulator:
         r.add_post("/bank/decide", self._bank_decide)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
@@ -514,8 +516,24 @@ class PowensEmulator:
         target = url or self.webhook_url
         if not target:
             raise RuntimeError("no webhook URL")
-        headers, body = self.build_webhook(event, connection_id, path=urlsplit(target).path, **kwargs)
+        path = self.webhook_signed_path or urlsplit(target).path
+        headers, body = self.build_webhook(event, connection_id, path=path, **kwargs)
         return await self.deliver(target, headers, body)
+
+    async def background_sync(self, connection_id: int, *, state: str | None = None, source: str | None = None,
+                              new_transactions: int = 0, error_message: str | None = None) -> int | None:
+        """One of Powens's scheduled syncs (§8.3): the connection lands in ``state`` (null: fine), enabled accounts
+        may get new booked transactions, and a signed CONNECTION_SYNCED goes to ``webhook_url`` when set.
+        Returns the delivery's HTTP status, or ``None`` when no webhook URL is set."""
+        self.set_state(connection_id, state, source=source, error_message=error_message)
+        if state is None:
+            for account in [a for a in self.accounts.values()
+                            if a.connection_id == connection_id and a.disabled is None]:
+                for i in range(new_transactions):
+                    self.add_transaction(account.id, f"-{i + 3}.10", f"CB SHOP {i + 1}")
+        if self.webhook_url is None:
+            return None
+        return await self.send_webhook("CONNECTION_SYNCED", connection_id)
 
     # --- plumbing ----------------------------------------------------------------------------------------------
 
@@ -1088,15 +1106,18 @@ class PowensEmulator:
             rows = [t for t in rows if (t.deleted is not None) == wanted]
         elif "all" not in q:
             rows = [t for t in rows if t.deleted is None]
-        if "last_update" in q:
-            mark = parse_dt(q["last_update"])
-            rows = [t for t in rows if t.last_update > mark]
-        if "min_date" in q:
-            rows = [t for t in rows if t.on >= date.fromisoformat(q["min_date"])]
-        if "max_date" in q:
-            rows = [t for t in rows if t.on <= date.fromisoformat(q["max_date"])]
+        try:
+            if "last_update" in q:
+                mark = parse_dt(q["last_update"])
+                rows = [t for t in rows if t.last_update > mark]
+            if "min_date" in q:
+                rows = [t for t in rows if t.on >= date.fromisoformat(q["min_date"])]
+            if "max_date" in q:
+                rows = [t for t in rows if t.on <= date.fromisoformat(q["max_date"])]
+            offset = int(base64.urlsafe_b64decode(q["cursor"]).decode()) if "cursor" in q else 0
+        except ValueError:
+            raise ApiError(400, "invalidValue", "bad date, datetime or cursor") from None
         rows.sort(key=lambda t: t.id)
-        offset = int(base64.urlsafe_b64decode(q["cursor"]).decode()) if "cursor" in q else 0
         size = min(limit, self.page_size)
         page = rows[offset:offset + size]
         next_link = None
@@ -1138,7 +1159,7 @@ class PowensEmulator:
             raise ApiError(400, "invalidValue", "redirect_uri is not whitelisted")
         conn: Connection | None = None
         if "id_connection" in q:
-            conn = self.connections.get(int(q["id_connection"]))
+            conn = self.connections.get(int(q["id_connection"])) if q["id_connection"].isdigit() else None
             if conn is None or conn.user_id != user.id:
                 raise ApiError(404, "notFound", "no such connection")
             connector = self.connectors[conn.connector_uuid]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from urllib.parse import urlsplit
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
@@ -20,7 +21,7 @@ from connector.inbox import EnvelopeError
 from connector.journey import consents
 from connector.security.tokens import TokenError, www_authenticate
 from connector.storage import models
-from connector.types import ProviderError
+from connector.types import ProviderError, WebhookRequest
 
 log = logging.getLogger("connector.web")
 
@@ -34,6 +35,7 @@ async def _verify(request: Request, scope: str) -> dict:
         claims = await request.app.ctx.verifier.verify(request.headers.get("authorization"), scope)
     except TokenError as err:
         log.info("token refused", extra={"reason": err.reason, "path": request.path})
+        request.app.ctx.metrics.token_failures.labels(err.reason).inc()
         raise ApiError(err.error, err.message, headers={"WWW-Authenticate": www_authenticate(err)}) from None
     return dict(claims)
 
@@ -65,6 +67,7 @@ async def notification(request: Request) -> HTTPResponse:
         row, new = await inbox.store(body, caller=str(claims.get("azp") or claims.get("sub") or ""))
     except EnvelopeError as exc:
         raise ApiError("invalid_request", str(exc)) from None
+    request.app.ctx.metrics.notifications.labels(f"{row.type}:{row.resource_type}", str(new).lower()).inc()
     if new:
         spawn(request.app, inbox.process(row))
     return json_response({"status": "accepted"})
@@ -102,3 +105,30 @@ async def available_accounts(request: Request) -> HTTPResponse:
         }
         for row in rows
     ])
+
+
+MAX_WEBHOOK_BYTES = 32 * 1024 * 1024
+
+
+@bp.post("/providers/<provider:str>/webhook")
+async def provider_webhook(request: Request, provider: str) -> HTTPResponse:
+    """A provider's webhook: the provider verifies it; the core stores its dedupe key once and wakes the feed."""
+    ctx = request.app.ctx
+    receiver = getattr(ctx.providers.get(provider), "webhook", None)
+    if receiver is None:
+        raise ApiError("not_found")
+    if len(request.body) > MAX_WEBHOOK_BYTES:
+        raise ApiError("payload_too_large")
+    path = urlsplit(ctx.settings.public_url).path.rstrip("/") + request.path
+    incoming = WebhookRequest(request.method, path, {k.lower(): v for k, v in request.headers.items()},
+                              request.body, request.remote_addr or request.ip)
+    try:
+        result = await receiver(incoming)
+    except PermissionError:
+        raise ApiError("invalid_token", "The webhook signature is missing or wrong.") from None
+    except ValueError as exc:
+        raise ApiError("invalid_request", str(exc)[:200]) from None
+    new = await ctx.inbox.store_webhook(provider, result)
+    if new and result.provider_consent_ids and ctx.inbox.on_account_change:
+        spawn(request.app, ctx.inbox.on_account_change())
+    return json_response({"status": "accepted"})

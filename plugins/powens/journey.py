@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from connector.hookspecs import Flow, ProviderServices
 from connector.types import (
     Choice,
-    ChooseAccounts,
-    Done,
     Failed,
     FlowEvent,
     Form,
-    Grant,
     JourneyKind,
     ProviderError,
     Redirect,
@@ -46,18 +42,19 @@ from connector.types import (
 )
 
 from . import errors, mapping
+from .accounts import ACTION_ADD_SOURCE, AccountSteps
 from .client import PowensAPIError, PowensBadAnswer, PowensClient, PowensUnreachable, Retry
-from .config import BankOptions, Settings, bank_options
+from .config import Settings, bank_options
 from .crypto import KeyCache, KeyProblem
 from .fields import fields_to_show, parse_fields, to_form_fields, validate
-from .tokens import ConsentCaller, token_from
+from .sources import expiry, failing_source, usable_sources
+from .tokens import ConsentCaller
 
 log = logging.getLogger("plugins.powens")
 
 ACTION_SOURCE = "source"
 ACTION_CONNECTION = "connection_fields"
 ACTION_CHECK = "check_again"
-ACTION_ADD_SOURCE = "add_source"
 ACTION_SKIP_SOURCE = "skip_source"
 
 MAX_WRONGPASS = 3  # §3.2: more attempts risk the person being locked out by their bank
@@ -86,16 +83,17 @@ class Journey:
         self._keys = keys
         self._consents = consents
         self._clock = clock
+        self._accounts = AccountSteps(settings, client, self._call)
 
     # --- entry points -------------------------------------------------------------------------------------------
 
     async def start(self, flow: Flow) -> StepResult:
-        return await self._guard(flow, self._start(flow))
+        return await self._guard(self._start(flow))
 
     async def resume(self, flow: Flow, event: FlowEvent) -> StepResult:
-        return await self._guard(flow, self._resume(flow, event))
+        return await self._guard(self._resume(flow, event))
 
-    async def _guard(self, flow: Flow, step: Awaitable[StepResult]) -> StepResult:
+    async def _guard(self, step: Awaitable[StepResult]) -> StepResult:
         """Turn every failure into an error page with a plain message (no PATCH follows a :class:`Failed`)."""
         try:
             return await step
@@ -114,12 +112,14 @@ class Journey:
         st.update(added=[], wrongpass=0, rounds=0, bank_name=flow.bank.name)
         if flow.kind is JourneyKind.REAUTHORISATION:
             return await self._start_reauth(flow)
+        # The connector first (it needs no token), so a bank that cannot be connected leaves no user behind.
+        if not await self._read_connector(flow):
+            return Failed(errors.provider_error("powens_bank_not_available"))
+        # A temporary user: abandoned onboardings vanish by themselves after 30 minutes (§1.4).
         answer = await self._client.request("POST", "/auth/init", body={}, retry=Retry.THROTTLE)
         if not isinstance(answer, dict) or not isinstance(answer.get("auth_token"), str):
             raise PowensBadAnswer("no auth_token")
         st["token"], st["id_user"] = answer["auth_token"], answer.get("id_user")
-        if not await self._read_connector(flow):
-            return Failed(errors.provider_error("powens_bank_not_available"))
         return await self._begin_source(flow, st["sources"][0])
 
     async def _start_reauth(self, flow: Flow) -> StepResult:
@@ -147,7 +147,7 @@ class Journey:
                 return Failed(errors.provider_error("powens_unexpected_step"))
             if event.action == ACTION_ADD_SOURCE:
                 return await self._add_next_source(flow, event)
-            return await self._activate(flow, event)
+            return await self._accounts.activate(flow, event, lambda error: self._choose(flow, error=error))
         if event.kind == "poll":
             return await self._poll(flow)
         if event.kind == "submit":
@@ -236,7 +236,7 @@ class Journey:
         raw_sources = [s for s in connector.get("sources") or [] if isinstance(s, dict) and s.get("name")]
         st["mechanisms"] = {s["name"]: s.get("auth_mechanism") or default for s in raw_sources}
         st["fields"] = parse_fields(connector.get("fields"))
-        st["sources"] = _usable_sources(raw_sources, default, bank_options(flow.bank))
+        st["sources"] = usable_sources(raw_sources, default, bank_options(flow.bank))
         if for_reauth:
             return True
         if connector.get("restricted") or connector.get("hidden"):
@@ -254,44 +254,31 @@ class Journey:
         added = set(flow.state.get("added") or ())
         return next((s for s in flow.state.get("sources") or () if s["name"] not in added), None)
 
-    async def _begin_source(self, flow: Flow, source: Mapping[str, Any], *, error: str | None = None) -> StepResult:
+    async def _begin_source(self, flow: Flow, source: Mapping[str, Any]) -> StepResult:
         st = flow.state
         st["current"], st["phase"] = source["name"], "source_form"
-        shown = fields_to_show(st["fields"], source["name"], source["mechanism"], st["added"])
-        st["form"] = shown
-        visible = [f for f in shown if f["type"] != "hidden"]
-        if not visible and error is None:
+        st["form"] = fields_to_show(st["fields"], source["name"], source["mechanism"], st["added"])
+        if not any(f["type"] != "hidden" for f in st["form"]):
             # Nothing to ask (e.g. a webauth source after a credentials one): go straight on (§2.6 worked example).
             return await self._submit_source(flow, {})
-        optional = bool(st["added"])
-        webauth = source["mechanism"] == "webauth"
-        title = f"Add more accounts from {st['bank_name']}" if optional else f"Sign in to {st['bank_name']}"
-        intro = (
-            "Your bank's own page opens after this one."
-            if webauth
-            else "Enter the details you use for your bank's online banking. They are sent to your bank encrypted "
-            "and we never store them."
-        )
-        return Form(
-            title=title,
-            fields=to_form_fields(shown),
-            action=ACTION_SOURCE,
-            submit_label="Continue",
-            intro=intro,
-            error=error,
-            step=Step.SIGN_IN,
-            secondary_actions=(Choice(ACTION_SKIP_SOURCE, "Continue without these accounts"),) if optional else (),
-        )
+        return self._form_again(flow, error=None)
 
     def _form_again(self, flow: Flow, *, error: str | None, field_errors: Mapping[str, str] | None = None) -> Form:
-        """The form on screen again (values cleared), for a refused or invalid answer."""
+        """The form on screen (again, values cleared, after a refused or invalid answer)."""
         st = flow.state
         if st.get("phase") == "source_form":
-            optional = bool(st["added"])
+            optional = bool(st["added"])  # a later source: the person may go on without it
+            webauth = self._source(flow, st["current"])["mechanism"] == "webauth"
             return Form(
                 title=f"Add more accounts from {st['bank_name']}" if optional else f"Sign in to {st['bank_name']}",
                 fields=to_form_fields(st["form"]),
                 action=ACTION_SOURCE,
+                intro=(
+                    "Your bank's own page opens after this one."
+                    if webauth
+                    else "Enter the details you use for your bank's online banking. They are sent to your bank "
+                    "encrypted and we never store them."
+                ),
                 error=error,
                 field_errors=dict(field_errors or {}),
                 step=Step.SIGN_IN,
@@ -465,10 +452,10 @@ class Journey:
         st = flow.state
         state = connection.get("state")
         key = state.casefold() if isinstance(state, str) else None
-        st["expires_at"] = _expiry(connection) or st.get("expires_at")
+        st["expires_at"] = expiry(connection) or st.get("expires_at")
         if key is None:
             if flow.kind is JourneyKind.REAUTHORISATION:
-                return await self._finish_reauth(flow)
+                return await self._accounts.finish_reauth(flow)
             if st.get("current") and st["current"] not in st["added"]:
                 st["added"].append(st["current"])
             st["current"] = None
@@ -500,13 +487,13 @@ class Journey:
                 poll_seconds=3,
             )
         if key == "scarequired":
-            failing = _failing_source(connection)
+            failing = failing_source(connection)
             if failing and st["mechanisms"].get(failing) == "webauth":
                 return await self._webauth(flow, source=failing, values={}, connection_id=st["connection_id"])
             return await self._force_sync(flow)
         if key == "webauthrequired":
             return await self._webauth(
-                flow, source=_failing_source(connection), values={}, connection_id=st["connection_id"]
+                flow, source=failing_source(connection), values={}, connection_id=st["connection_id"]
             )
         if key == "wrongpass":
             st["form"], st["phase"] = conn_fields, "connection_form"
@@ -549,15 +536,17 @@ class Journey:
             return await self._choose(flow, error=error.message)
         return Failed(error)
 
-    async def _force_sync(self, flow: Flow) -> StepResult:
+    async def _force_sync(self, flow: Flow, *, reread_on_conflict: bool = False) -> StepResult:
         """``POST /users/me/connections/{id}`` with ``{}`` while the person is present (SCARequired on a
-        credentials source, §6.2); a 409 means "not now"."""
+        credentials source, §6.2); a 409 means "not now": try later, or just read the state again."""
         try:
             answer = await self._call(
                 flow, "POST", f"/users/me/connections/{flow.state['connection_id']}", params={"expand": "sources"},
                 body={}, sync=True, retry=Retry.THROTTLE,
             )
         except PowensAPIError as exc:
+            if exc.status == 409 and reread_on_conflict:
+                return await self._route(flow, await self._get_connection(flow))
             if exc.status == 409:
                 return Failed(errors.temporary("powens_try_later", detail=exc.detail))
             raise
@@ -613,10 +602,13 @@ class Journey:
         if st.get("phase") == "action_needed" and not st.get("nudged"):
             # actionNeeded is fixed at the bank, not through the API; one person-present sync tells us if it is.
             st["nudged"] = True
-            return await self._force_sync(flow)
+            return await self._force_sync(flow, reread_on_conflict=True)
         st.pop("wait_until", None)
         st["phase"] = "validating" if st.get("phase") == "check_again" else st.get("phase")
         return await self._route(flow, await self._get_connection(flow))
+
+    async def _choose(self, flow: Flow, *, error: str | None = None) -> StepResult:
+        return await self._accounts.choose(flow, more=self._next_source(flow) is not None, error=error)
 
     async def _cancel(self, flow: Flow) -> StepResult:
         st = flow.state

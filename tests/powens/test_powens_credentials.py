@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from powens_helpers import bank, choose, link, make_flow, sign_in, submit
@@ -177,3 +178,18 @@ async def test_a_temporary_error_is_failed_with_retry_hint(provider: Powens, pow
 
 async def test_onboarding_flow_kind_is_onboarding() -> None:
     assert make_flow(bank()).kind is JourneyKind.ONBOARDING
+
+
+async def test_logs_carry_no_secret(provider: Powens, powens: PowensEmulator, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    flow = make_flow(bank())
+    form = await sign_in(provider, flow, login="otp", password="Hunter2-password")
+    await provider.resume(flow, submit(form.action, otp="000001" if powens.otp != "000001" else "000002"))
+    accounts = await provider.resume(flow, submit(form.action, otp=powens.otp))
+    assert isinstance(accounts, ChooseAccounts)
+    done = await provider.resume(flow, choose(accounts.accounts[0].provider_account_id))
+    assert isinstance(done, Done)
+    assert caplog.records  # something was logged
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    secrets = [*powens.tokens, "Hunter2-password", powens.otp, powens.client_secret]
+    assert not [s for s in secrets if s in logged]

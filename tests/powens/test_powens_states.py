@@ -164,3 +164,12 @@ async def test_done_after_a_state_dance(provider: Powens, powens: PowensEmulator
     done = await provider.resume(flow, choose(accounts.accounts[1].provider_account_id))
     assert isinstance(done, Done)
     assert done.grant.accounts[0].account_type.value == "creditCard"
+
+
+async def test_action_needed_sync_conflict_just_reads_again(provider: Powens, powens: PowensEmulator) -> None:
+    flow = make_flow(bank())
+    form = await sign_in(provider, flow, login="actionneeded")
+    powens.fail_next(409, code="tooManySync", method="POST", path=r"^/users/me/connections/\d+$")
+    powens.set_state(flow.state["connection_id"], None)  # fixed at the bank meanwhile
+    step = await provider.resume(flow, submit(form.action))
+    assert isinstance(step, ChooseAccounts)

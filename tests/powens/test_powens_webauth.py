@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -99,3 +100,14 @@ async def test_redirect_url_is_not_the_permanent_token(provider: Powens, powens:
     query = parse_qs(urlsplit(redirect.url).query)
     assert set(query) == {"session"}
     assert all(token not in redirect.url for token in powens.tokens)
+
+
+async def test_state_and_tokens_never_logged(provider: Powens, powens: PowensEmulator,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    flow = make_flow(bank(WEBAUTH_BANK))
+    step = await callback(provider, flow, await provider.start(flow))
+    assert isinstance(step, ChooseAccounts)
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    issued = flow.issue_state.issued  # type: ignore[attr-defined]
+    assert not [s for s in [*issued, *powens.tokens] if s in logged]

@@ -4,6 +4,7 @@ hands them to the provider as the core will (``PATH`` from the public URL, not f
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import date
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from powens_helpers import PUBLIC_URL, MemoryConsent
 
 from connector.outbound import CoreServices
 from connector.testing.powens import PowensEmulator, dumps
-from connector.types import Done, WebhookRequest, WebhookResult
+from connector.types import ActionRequired, Done, WebhookRequest, WebhookResult
 from plugins.powens import Powens
 from plugins.powens.webhook import signature
 
@@ -183,3 +184,21 @@ async def test_raw_gzip_body_as_a_server_keeps_it(powens: PowensEmulator,
     result = await provider.webhook(WebhookRequest("POST", "/providers/powens/webhook", headers, body, "127.0.0.1"))
     assert result.dedupe_key == "powens:7"
     await provider.close()
+
+
+async def test_background_sync_notifies_then_the_feed_sees_the_state(
+    powens: PowensEmulator, listener: Listener, provider: Powens, linked: tuple[MemoryConsent, Done]
+) -> None:
+    consent, done = linked
+    cid = connection_id(linked)
+    powens.webhook_url, powens.webhook_signed_path = listener.url, PUBLIC_PATH
+    assert await powens.background_sync(cid, state="SCARequired") == 200
+    assert list(listener.results[-1].provider_consent_ids) == [consent.provider_consent_id]
+    account = done.grant.accounts[0]
+    with pytest.raises(ActionRequired):
+        await provider.read_account(consent, account, date(2000, 1, 1), None)
+    # Fixed by a re-authorisation elsewhere; the next sync brings new transactions and another delivery.
+    assert await powens.background_sync(cid, new_transactions=2) == 200
+    read = await provider.read_account(consent, account, date(2000, 1, 1), None)
+    assert len(read.booked) == 5
+    assert listener.results[-1].dedupe_key != listener.results[-2].dedupe_key
