@@ -15,12 +15,14 @@ from sanic import Request, Sanic
 from jinja2 import Environment, FileSystemLoader
 from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
+from tortoise.exceptions import DBConnectionError, IntegrityError, OperationalError
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import Extend
 
 from connector.config import Settings
 from connector.errors import ApiError, PageError
+from connector.feed import Feed
 from connector.hookspecs import Provider
 from connector.inbox import Inbox
 from connector.journey.service import Journeys
@@ -75,6 +77,14 @@ class Errors(ErrorHandler):
                                  status=exception.status, headers=exception.headers)
         if isinstance(exception, PageError):
             return self.page(request, exception)
+        if isinstance(exception, (OperationalError, DBConnectionError)) and not isinstance(exception, IntegrityError):
+            # The database is unreachable or refused the write: nothing was stored, so the caller may retry.
+            log.error("storage unavailable", extra={"path": request.path, "error": type(exception).__name__})
+            if is_machine(request.path):
+                err = ApiError("temporarily_unavailable")
+                return json_response({"error": err.code, "message": err.message}, status=err.status,
+                                     headers={"Retry-After": "5"})
+            return self.page(request, PageError("storage_unavailable"))
         status = getattr(exception, "status_code", 500)
         if status >= 500 or not isinstance(exception, SanicException):
             log.error("unhandled error", extra={"path": request.path, "error": type(exception).__name__})
@@ -118,6 +128,8 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
         "templating_enable_async": True,
         "http_auto_trace": False,
         "http_auto_options": False,
+        # A HEAD would run the GET handler: on /auth, /authrefresh and callbacks it would burn a single-use value.
+        "http_auto_head": False,
     })
     app.ctx.settings = settings
     app.ctx.plugins = plugins
@@ -168,15 +180,22 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
             for n, cls in enabled.items()
         }
         app.ctx.journeys = Journeys(settings, app.ctx.providers, app.ctx.box, app.ctx.sage)
-        app.ctx.inbox = Inbox(settings, app.ctx.providers, app.ctx.box)
+        # The statement feed: woken early when Sage links or deletes a bank account.
+        app.ctx.feed = Feed(settings, app.ctx.providers, app.ctx.box, app.ctx.sage)
+        app.ctx.inbox = Inbox(settings, app.ctx.providers, app.ctx.box, on_account_change=app.ctx.feed.wake)
         await app.ctx.inbox.process_pending()
 
     @app.after_server_start
     async def warm(app: Sanic, _: Any = None) -> None:
         spawn(app, app.ctx.jwks.warm())
+        if settings.feed["enabled"]:
+            spawn(app, app.ctx.feed.run_forever())
 
     @app.before_server_stop
     async def finish_tasks(app: Sanic, _: Any = None) -> None:
+        feed: Feed | None = getattr(app.ctx, "feed", None)
+        if feed is not None:
+            feed.stop()
         tasks = list(getattr(app.ctx, "tasks", ()))
         if tasks:
             await asyncio.wait(tasks, timeout=5)

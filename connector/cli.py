@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 from connector.config import ConfigError, Problem, check_settings, collect_problems, load_settings, parse_settings
-from connector.plugins import Plugins, PluginError, load_plugins
+from connector.plugins import PluginError, Plugins, load_plugins
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -125,6 +125,156 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from connector.demo import run
+
+    return run(port=args.port, connector_port=args.connector_port)
+
+
+# -- the statement feed and bank sync (connector/feed, connector/banks.py) ------------------------------------------
+
+EXIT_NOT_DELIVERED = 1  # feed run: at least one account could not deliver (consent lost, refused, provider down)
+EXIT_CONFIG = 2  # the configuration has problems
+EXIT_BUSY = 3  # feed run: another process holds the feed lease
+
+
+def _settings_or_problems(config: str):
+    try:
+        plugins = load_plugins()
+        return load_settings(config, plugins=plugins), plugins
+    except PluginError as err:
+        _print_problems([Problem("plugins", str(err))])
+    except ConfigError as err:
+        _print_problems(err.problems)
+    return None, None
+
+
+def cmd_feed_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from connector.logs import setup_logging
+
+    settings, plugins = _settings_or_problems(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    setup_logging(settings.logging["level"], settings.logging["format"])
+    return asyncio.run(_feed_run(settings, plugins, once=args.once))
+
+
+async def _feed_run(settings, plugins, *, once: bool) -> int:
+    import asyncio
+    import signal
+
+    from connector.feed import LeaseHeld
+    from connector.feed.runtime import feed_runtime
+
+    async with feed_runtime(settings, plugins) as feed:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, feed.stop)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if not once:
+            print("feed running; stop with Ctrl-C or SIGTERM", file=sys.stderr)
+            await feed.run_forever()
+            return 0
+        try:
+            report = await feed.run_once()
+        except LeaseHeld as err:
+            print(f"not run: {err}", file=sys.stderr)
+            return EXIT_BUSY
+        if not report.outcomes:
+            print("no linked accounts")
+        for line in report.lines():
+            print(line)
+        return 0 if report.ok else EXIT_NOT_DELIVERED
+
+
+def cmd_feed_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    settings, _ = _settings_or_problems(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    return asyncio.run(_feed_status(settings, include_deleted=args.all))
+
+
+async def _feed_status(settings, *, include_deleted: bool) -> int:
+    from connector.feed import status
+    from connector.storage import close_database, open_database
+
+    await open_database(settings.database["url"])
+    try:
+        rows = await status.collect(settings, include_deleted=include_deleted)
+        print(await status.feed_holder())
+        print(status.render(rows))
+    finally:
+        await close_database()
+    return 1 if any(r.needs_attention for r in rows) else 0
+
+
+def cmd_banks_sync(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from connector.banks import BankSyncError, sync_body
+
+    settings, _ = _settings_or_problems(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    try:
+        body = sync_body(settings)
+    except BankSyncError as err:
+        _print_problems([Problem("banks sync", str(err))])
+        return EXIT_CONFIG
+    if args.dry_run:
+        print(json.dumps(body, indent=2))
+        return 0
+    return asyncio.run(_banks_sync(settings, body))
+
+
+async def _banks_sync(settings, body) -> int:
+    from connector.banks import read_answer
+    from connector.feed.runtime import sage_client
+    from connector.sage.client import SageError
+
+    async with sage_client(settings) as client:
+        try:
+            answer = await client.post_banks(body)
+        except SageError as err:
+            print(f"Sage refused the bank sync: {err}", file=sys.stderr)
+            return 1
+    for bank in read_answer(body, answer):
+        if bank.created:
+            print(f"created: {bank.name}  principalId {bank.principal_id or '(not in the answer)'}")
+            print(f"    set sage_bank_id = \"{bank.principal_id}\" in this bank's [[banks]] entry")
+        else:
+            print(f"updated: {bank.name}  principalId {bank.principal_id}")
+    return 0
+
+
+def _feed_and_banks_commands(sub: argparse._SubParsersAction) -> None:
+    def nested(group: str, help_: str) -> argparse._SubParsersAction:
+        return sub.add_parser(group, help=help_).add_subparsers(dest=f"{group}_command", required=True)
+
+    def leaf(where: argparse._SubParsersAction, name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = where.add_parser(name, help=help_)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="path to config.toml (default: ./config.toml)")
+        p.set_defaults(func=func)
+        return p
+
+    feed = nested("feed", "the statement feed")
+    run = leaf(feed, "run", cmd_feed_run, "run the statement feed (exit 1 if an account could not deliver)")
+    run.add_argument("--once", action="store_true", help="one run over every account, then exit")
+    status = leaf(feed, "status", cmd_feed_status,
+                  "show each linked account's feed state (exit 1 if an account needs attention)")
+    status.add_argument("--all", action="store_true", help="also show accounts deleted in Sage")
+    banks = nested("banks", "bank registration with Sage")
+    sync = leaf(banks, "sync", cmd_banks_sync, "register or update the configured banks with Sage (POST /v1/banks)")
+    sync.add_argument("--dry-run", action="store_true", help="print the body and send nothing")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="connector", description="Sage Banking Service connector")
     sub = top.add_subparsers(dest="command", required=True)
@@ -141,8 +291,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int)
     command("check-config", cmd_check_config, "check the config and print every problem with its key")
     command("providers", cmd_providers, "list loaded provider plugins and the banks mapped to each")
+    demo = sub.add_parser("demo", help="run the connector with local stand-ins of Sage and the providers, "
+                                       "and print the URL of a demo Sage product page")
+    demo.add_argument("--port", type=int, default=8400, help="port of the demo product page (default 8400; 0: any)")
+    demo.add_argument("--connector-port", type=int, default=0, help="port of the connector (default: any free port)")
+    demo.set_defaults(func=cmd_demo)
     command("rotate-keys", cmd_rotate_keys,
             "re-encrypt every stored secret under the first of security.encryption_keys")
+    _feed_and_banks_commands(sub)
     return top
 
 

@@ -39,8 +39,8 @@ def parse_envelope(body: Any) -> tuple[str, str, str, Mapping[str, Any]]:
     if not isinstance(body, dict):
         raise EnvelopeError("the body must be a JSON object")
     kind, resource = body.get("type"), body.get("resource")
-    if not isinstance(kind, str) or not kind:
-        raise EnvelopeError("type must be a non-empty string")
+    if not isinstance(kind, str) or not 0 < len(kind) <= 64:
+        raise EnvelopeError("type must be a string of 1 to 64 characters")
     if not isinstance(resource, dict):
         raise EnvelopeError("resource must be an object")
     rid, rtype = resource.get("id"), resource.get("type")
@@ -63,6 +63,8 @@ def parse_envelope(body: Any) -> tuple[str, str, str, Mapping[str, Any]]:
             raise EnvelopeError("resource.id of an authorisation must be a UUID") from None
         if not extra.get("bankId"):
             raise EnvelopeError("additionalData.bankId is required for an authorisation")
+        if len(extra["bankId"]) > 64:
+            raise EnvelopeError("additionalData.bankId must be at most 64 characters")
     if rtype == "bankAccount" and not extra.get("externalId"):
         raise EnvelopeError("additionalData.externalId is required for a bank account")
     if extra.get("requestedStartDate"):
@@ -179,10 +181,12 @@ class Inbox:
 
     async def _match_account(self, external_id: str) -> models.Account | None:
         """Exact match first; else a compound ``<uuid>:<uuid>`` with exactly one known part (spec 7.17)."""
-        found = await models.Account.get_or_none(external_id=external_id)
+        # Values longer than the column are unknown; filtering on them would fail Tortoise's length validation.
+        found = await models.Account.get_or_none(external_id=external_id) if len(external_id) <= 36 else None
         if found or ":" not in external_id:
             return found
-        matches = await models.Account.filter(external_id__in=external_id.split(":"))
+        parts = [p for p in external_id.split(":") if 0 < len(p) <= 36]
+        matches = await models.Account.filter(external_id__in=parts) if parts else []
         return matches[0] if len(matches) == 1 else None
 
     async def _unlink(self, bank_account_id: str) -> str:
@@ -204,6 +208,13 @@ class Inbox:
 
     async def _offboard(self, consent: models.Consent) -> None:
         """Revoke provider access where possible, then erase the consent's secrets whatever happened."""
+        # The last two deletions may be processed at once: one claim, so revoke runs once and nothing writes the
+        # secrets back after they are erased (``status`` becomes ``revoked`` only together with the erasure).
+        claimed = await models.Consent.filter(id=consent.id).exclude(status="revoked").exclude(
+            status_reason="offboarding").update(status_reason="offboarding")
+        if claimed != 1:
+            return
+        consent = await models.Consent.get(id=consent.id)
         provider = self.providers.get(consent.provider)
         bank = self.settings.bank(consent.sage_bank_id)
         if provider is not None and bank is not None and consent.secrets_sealed:

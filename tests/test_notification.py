@@ -93,6 +93,7 @@ async def processed(key: str, timeout: float = 5.0) -> models.Notification:
         row = await models.Notification.get_or_none(dedupe_key=key)
         if row is not None and row.processed_at is not None and row.outcome:
             return row
+        assert row is None or row.outcome != "error", f"processing notification {key} failed"
         assert time.monotonic() < deadline, f"notification {key} was not processed: {row and row.outcome!r}"
         await asyncio.sleep(0.01)
 
@@ -313,6 +314,7 @@ def _wrong_types() -> dict[str, Any]:
         "type missing": {k: v for k, v in auth.items() if k != "type"},
         "type a number": {**auth, "type": 1},
         "type empty": {**auth, "type": ""},
+        "type too long": {**auth, "type": "resourceCreated" * 5},
         "resource missing": {k: v for k, v in auth.items() if k != "resource"},
         "resource a string": {**auth, "resource": "authorisation"},
         "resource.id a number": {**auth, "resource": {"id": 12, "type": "authorisation"}},
@@ -323,6 +325,7 @@ def _wrong_types() -> dict[str, Any]:
         "additionalData a list": {**auth, "additionalData": [DEMO_BANK_ID]},
         "bankId a number": {**auth, "additionalData": {"bankId": 7}},
         "bankId missing": {**auth, "additionalData": {}},
+        "bankId too long": {**auth, "additionalData": {"bankId": DEMO_BANK_ID * 2}},
         "externalId missing": account_created("x") | {"additionalData": {"bankId": DEMO_BANK_ID}},
         "externalId a number": account_created("x") | {"additionalData": {"externalId": 5}},
         "requestedStartDate not a date": account_created(str(uuid.uuid4()), requestedStartDate="yesterday"),
@@ -521,3 +524,21 @@ async def test_other_methods_get_405_json(sage_calls, method):
                                        headers=sage_calls.headers()) as resp:
         assert resp.status == 405
         assert (await resp.json())["error"] == "method_not_allowed"
+
+
+async def test_storage_unavailable_gets_503_and_a_retry_is_stored(sage_calls):
+    from tortoise import Tortoise
+
+    body = authorisation()
+    db = Tortoise.get_connection("default")
+    await db.execute_script("ALTER TABLE authorisation RENAME TO authorisation_away")
+    try:
+        status, answer, headers = await post(sage_calls, body)
+        assert (status, answer["error"]) == (503, "temporarily_unavailable")
+        assert "Retry-After" in headers
+    finally:
+        await db.execute_script("ALTER TABLE authorisation_away RENAME TO authorisation")
+    assert not await models.Notification.exists(resource_id=body["resource"]["id"])  # rolled back with the rest
+    status, answer, _ = await post(sage_calls, body)
+    assert (status, answer) == (200, {"status": "accepted"})
+    assert await models.Authorisation.exists(id=body["resource"]["id"])

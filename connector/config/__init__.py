@@ -8,7 +8,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,7 +288,7 @@ def check_settings(settings: Settings, plugins: Plugins) -> list[Problem]:
         elif name in enabled:
             options = {k: v for k, v in table.items() if k != "enabled"}
             problems += _plugin_problems(f"providers.{name}", available[name].origin,
-                                         lambda cls=available[name].cls, o=options: cls.check_config(o))
+                                         available[name].cls.check_config, options)
     for i, bank in enumerate(settings.banks):
         if bank.provider not in available:
             loaded = ", ".join(sorted(available)) or "none"
@@ -300,16 +300,16 @@ def check_settings(settings: Settings, plugins: Plugins) -> list[Problem]:
                                     f"provider {bank.provider!r} has no enabled [providers.{bank.provider}] table"))
             continue
         entry = available[bank.provider]
-        problems += _plugin_problems(f"banks[{i}]", entry.origin,
-                                     lambda cls=entry.cls, info=bank.info(): cls.check_bank(info))
+        problems += _plugin_problems(f"banks[{i}]", entry.origin, entry.cls.check_bank, bank.info())
     return problems
 
 
-def _plugin_problems(prefix: str, origin: str, check: Any) -> list[Problem]:
+def _plugin_problems(prefix: str, origin: str, check: Callable[[Any], Iterable[tuple[str, str]]],
+                     argument: Any) -> list[Problem]:
     """A plugin's own ``(key, message)`` pairs under ``prefix``; a plugin that crashes is a problem, not a crash."""
     try:
-        return [Problem(f"{prefix}.{key}" if key else prefix, str(message)) for key, message in check()]
-    except Exception as exc:
+        return [Problem(f"{prefix}.{key}" if key else prefix, str(message)) for key, message in check(argument)]
+    except Exception as exc:  # noqa: BLE001 - any bug in a plugin's check is reported, with the plugin named
         return [Problem(prefix, f"the provider's own check failed ({origin}): {type(exc).__name__}: {exc}")]
 
 
@@ -347,8 +347,9 @@ def collect_problems(path: str | os.PathLike[str], env: Mapping[str, str] | None
         except Exception as exc:  # PluginError, a plugin's import error, a pluggy validation error
             from connector.plugins import PluginError
 
-            message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
-            problems.append(Problem("plugins", f"provider plugins could not be loaded: {message}"))
+            message = str(exc) if isinstance(exc, PluginError) else \
+                f"provider plugins could not be loaded: {type(exc).__name__}: {exc}"
+            problems.append(Problem("plugins", message))
     return settings, problems
 
 

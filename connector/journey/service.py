@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from tortoise.exceptions import BaseORMException
 from tortoise.expressions import F
+from tortoise.transactions import in_transaction
 
 from connector.config import Settings
 from connector.hookspecs import Flow, Provider
@@ -87,8 +88,10 @@ class Journeys:
 
     # --- Entering: /auth and /authrefresh --------------------------------------------------------------------
 
-    async def begin(self, kind: JourneyKind, query: Mapping[str, Sequence[str]], client_ip: str) -> str:
-        """Check the request, consume the authorisation id and start the provider; return the journey handle."""
+    async def begin(self, kind: JourneyKind, query: Mapping[str, Sequence[str]], client_ip: str
+                    ) -> tuple[str, Next]:
+        """Check the request, consume the authorisation id and start the provider; return the journey handle and
+        where the browser goes (the journey's page, or straight back to Sage when the provider finished at once)."""
         names = ["redirect_uri", "state", "authorisation_id", "bank"]
         if kind is JourneyKind.REAUTHORISATION:
             names += ["externalId"]
@@ -109,6 +112,7 @@ class Journeys:
         assert authorisation_id is not None and bank_id is not None
         if not _canonical_uuid(authorisation_id):
             raise PageError("bad_request", back_url=back)
+        authorisation_id = authorisation_id.lower()  # stored lower-case by the notification (connector.inbox)
 
         await self._check_throttle(client_ip, back)
         announced = await models.Authorisation.get_or_none(id=authorisation_id)
@@ -128,39 +132,41 @@ class Journeys:
             consent = await self._consent_for_refresh(external_id or "", _single(query, "bankaccount"), bank_id, back)
 
         now = self.clock()
-        used = await models.Authorisation.filter(
-            id=authorisation_id, used_at__isnull=True, expires_at__gt=now
-        ).update(used_at=now)
-        if used != 1:
-            fresh = await models.Authorisation.get(id=authorisation_id)
-            raise PageError("link_used" if fresh.used_at else "link_expired", back_url=back)
+        # Consuming the id and creating the journey commit together: a failure between them must not burn the id.
+        async with in_transaction():
+            used = await models.Authorisation.filter(
+                id=authorisation_id, used_at__isnull=True, expires_at__gt=now
+            ).update(used_at=now)
+            if used != 1:
+                fresh = await models.Authorisation.get(id=authorisation_id)
+                raise PageError("link_used" if fresh.used_at else "link_expired", back_url=back)
 
-        handle = secrets.token_urlsafe(STATE_BYTES)
-        journey = await models.Journey.create(
-            handle=handle,
-            authorisation_id=authorisation_id,
-            kind=kind.value,
-            sage_bank_id=bank_id,
-            provider=bank.provider,
-            redirect_uri=redirect_uri,
-            state=state,
-            consent_id=consent.id if consent else None,
-            external_id=external_id,
-            created_at=now,
-            updated_at=now,
-            expires_at=now + self.ttl,
-        )
+            handle = secrets.token_urlsafe(STATE_BYTES)
+            journey = await models.Journey.create(
+                handle=handle,
+                authorisation_id=authorisation_id,
+                kind=kind.value,
+                sage_bank_id=bank_id,
+                provider=bank.provider,
+                redirect_uri=redirect_uri,
+                state=state,
+                consent_id=consent.id if consent else None,
+                external_id=external_id,
+                created_at=now,
+                updated_at=now,
+                expires_at=now + self.ttl,
+            )
         log.info("journey started", extra={"journey": journey.handle[:8], "kind": kind.value,
                                            "provider": bank.provider})
         flow = await self._flow(journey, {}, client_ip)
         result = await self._call(self.providers[bank.provider].start(flow))
-        await self._settle(journey, flow, result)
-        return handle
+        return handle, await self._settle(journey, flow, result)
 
     async def _consent_for_refresh(
         self, external_id: str, bank_account_id: str | None, bank_id: str, back: str
     ) -> models.Consent:
-        account = await models.Account.get_or_none(external_id=external_id).prefetch_related("consent")
+        account = await models.Account.get_or_none(external_id=external_id).prefetch_related("consent") \
+            if len(external_id) <= 36 else None  # longer than any externalId we issue (and than the column)
         if account is None or account.consent.status in ("revoked", "pending"):
             raise PageError("account_mismatch", back_url=back)
         if account.consent.sage_bank_id != bank_id:
@@ -173,9 +179,11 @@ class Journeys:
 
     # --- Walking the journey ---------------------------------------------------------------------------------
 
-    async def load(self, handle: str) -> tuple[models.Journey, Page]:
+    async def load(self, handle: str, client_ip: str | None = None) -> tuple[models.Journey, Page]:
         journey = await models.Journey.get_or_none(handle=handle) if 0 < len(handle) <= 64 else None
         if journey is None:
+            if client_ip is not None:
+                await self._guessed(client_ip)
             raise PageError("journey_not_found")
         back = compose_redirect(journey.redirect_uri, journey.state)
         if journey.status == "done":
@@ -192,7 +200,7 @@ class Journeys:
 
     async def post(self, handle: str, form: Mapping[str, Sequence[str]], client_ip: str) -> Next:
         """A person's post on their current page."""
-        journey, page = await self.load(handle)
+        journey, page = await self.load(handle, client_ip)
         if journey.status != "active":
             return Next(self.page_url(handle))
         if "cancel" in form:
@@ -226,7 +234,7 @@ class Journeys:
         return Next(self.page_url(handle))
 
     async def poll(self, handle: str, client_ip: str) -> Next:
-        journey, page = await self.load(handle)
+        journey, page = await self.load(handle, client_ip)
         if journey.status != "active" or page["type"] != "wait":
             return Next(self.page_url(handle))
         return await self._event(journey, FlowEvent("poll"), client_ip)
@@ -235,6 +243,7 @@ class Journeys:
         """The provider sent the person back: match ``state`` (single use, this provider only) to its journey."""
         state = _single(query, "state")
         if not state or len(state) > 64:
+            await self._guessed(client_ip)
             raise PageError("journey_not_found")
         now = self.clock()
         used = await models.CallbackState.filter(
@@ -243,8 +252,10 @@ class Journeys:
         if used != 1:
             log.warning("provider callback with an unknown, used, foreign or expired state",
                         extra={"provider": provider})
-            raise PageError("link_used" if await models.CallbackState.exists(value=state, provider=provider)
-                            else "journey_not_found")
+            if await models.CallbackState.exists(value=state, provider=provider):
+                raise PageError("link_used")
+            await self._guessed(client_ip)
+            raise PageError("journey_not_found")
         row = await models.CallbackState.get(value=state)
         journey, _ = await self.load(row.journey_handle)
         if journey.status != "active":
@@ -406,11 +417,16 @@ class Journeys:
 
     # --- Throttling guesses (U3) -----------------------------------------------------------------------------
 
-    async def _check_throttle(self, client_ip: str, back: str) -> None:
+    async def _check_throttle(self, client_ip: str, back: str | None) -> None:
         minute = int(self.clock().timestamp() // 60)
         row = await models.FailedLookup.get_or_none(client=client_ip[:64], minute=minute)
         if row and row.count >= self.settings.security["max_failed_lookups"]:
             raise PageError("too_many_attempts", back_url=back)
+
+    async def _guessed(self, client_ip: str) -> None:
+        """An unknown journey handle or callback state: 429 past the limit, else counted (U3)."""
+        await self._check_throttle(client_ip, None)
+        await self._count_failure(client_ip)
 
     async def _count_failure(self, client_ip: str) -> None:
         minute = int(self.clock().timestamp() // 60)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, redirect
+from sanic.response import json as json_response
 
 from connector.errors import PageError
 from connector.journey.service import Journeys, Next
@@ -38,7 +39,12 @@ def _see_other(next_: Next) -> HTTPResponse:
 
 
 async def _begin(request: Request, kind: JourneyKind) -> HTTPResponse:
-    handle = await journeys(request).begin(kind, args(request), client_ip(request))
+    service = journeys(request)
+    handle, next_ = await service.begin(kind, args(request), client_ip(request))
+    if next_.url != service.page_url(handle):
+        # The provider finished without asking anything (e.g. a re-authorisation cleared by a person-present sync):
+        # Sage was told, so the browser goes straight back.
+        return _see_other(next_)
     return await _show(request, handle)
 
 
@@ -54,7 +60,7 @@ async def authrefresh(request: Request) -> HTTPResponse:
 
 async def _show(request: Request, handle: str) -> HTTPResponse:
     service = journeys(request)
-    journey, current = await service.load(handle)
+    journey, current = await service.load(handle, client_ip(request))
     back_url = service.back_url(journey)
     common = {
         "page": current,
@@ -90,7 +96,20 @@ async def post(request: Request, handle: str) -> HTTPResponse:
 
 @bp.get("/journey/<handle:str>/poll")
 async def poll(request: Request, handle: str) -> HTTPResponse:
-    return _see_other(await journeys(request).poll(handle, client_ip(request)))
+    service = journeys(request)
+    next_ = await service.poll(handle, client_ip(request))
+    if request.args.get("format") != "json":
+        return _see_other(next_)
+    # The waiting page's script checks in the background, so the page (and the person's focus) stays put until
+    # something changed: {"waiting": true} means check again later; otherwise the script goes to "url".
+    waiting = False
+    if next_.url == service.page_url(handle):
+        try:
+            _, current = await service.load(handle)
+            waiting = current["type"] == "wait"
+        except PageError:
+            waiting = False
+    return json_response({"waiting": waiting, "url": next_.url})
 
 
 @bp.get("/providers/<provider:str>/callback")

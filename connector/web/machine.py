@@ -28,6 +28,7 @@ log = logging.getLogger("connector.web")
 bp = Blueprint("machine")
 
 MAX_NOTIFICATION_BYTES = 64 * 1024
+EXTERNAL_ID_MAX = 36  # models.Account.external_id
 
 
 async def _verify(request: Request, scope: str) -> dict:
@@ -38,6 +39,10 @@ async def _verify(request: Request, scope: str) -> dict:
         request.app.ctx.metrics.token_failures.labels(err.reason).inc()
         raise ApiError(err.error, err.message, headers={"WWW-Authenticate": www_authenticate(err)}) from None
     return dict(claims)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python accepts them, JSON (and PostgreSQL) don't
 
 
 def _check_header(request: Request) -> None:
@@ -59,8 +64,8 @@ async def notification(request: Request) -> HTTPResponse:
     if content_type != "application/json":
         raise ApiError("unsupported_media_type")
     try:
-        body = json.loads(request.body)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(request.body, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise ApiError("invalid_request", "The body is not valid JSON.") from None
     inbox = request.app.ctx.inbox
     try:
@@ -80,7 +85,9 @@ async def available_accounts(request: Request) -> HTTPResponse:
     values = dict.get(request.get_args(keep_blank_values=True), "externalId", [])
     if len(values) != 1 or not values[0] or len(values[0]) > 200:
         raise ApiError("invalid_request", "externalId is required, once.")
-    account = await models.Account.get_or_none(external_id=values[0]).prefetch_related("consent")
+    # Longer than any externalId we issue: unknown (and too long for the column's filter validation).
+    account = await models.Account.get_or_none(external_id=values[0]).prefetch_related("consent") \
+        if len(values[0]) <= EXTERNAL_ID_MAX else None
     if account is None or account.consent.status in ("revoked", "pending") or not account.consent.secrets_sealed:
         raise ApiError("unknown_external_id")
     ctx = request.app.ctx
@@ -129,6 +136,7 @@ async def provider_webhook(request: Request, provider: str) -> HTTPResponse:
     except ValueError as exc:
         raise ApiError("invalid_request", str(exc)[:200]) from None
     new = await ctx.inbox.store_webhook(provider, result)
+    ctx.metrics.notifications.labels(f"providerWebhook:{provider}", str(new).lower()).inc()
     if new and result.provider_consent_ids and ctx.inbox.on_account_change:
         spawn(request.app, ctx.inbox.on_account_change())
     return json_response({"status": "accepted"})

@@ -444,7 +444,15 @@ class Journey:
             log.warning("powens webauth returned another connection", extra={"expected": expected})
             return Failed(errors.provider_error("powens_webauth_mismatch"))
         st["connection_id"] = int(raw_id)
-        return await self._route(flow, await self._get_connection(flow))
+        try:
+            connection = await self._get_connection(flow)
+        except ProviderError as exc:
+            if expected is None and exc.code == "powens_connection_deleted":
+                # Not a connection of this journey's user (a return address carrying someone else's id).
+                log.warning("powens webauth returned a connection this user cannot read")
+                return Failed(errors.provider_error("powens_webauth_mismatch"))
+            raise
+        return await self._route(flow, connection)
 
     # --- the resume loop (§6) -----------------------------------------------------------------------------------
 
