@@ -17,8 +17,9 @@ Plugins are found in two ways:
 Rules every provider follows:
 
 * map provider JSON to :mod:`connector.types` in exactly one module;
-* raise :class:`~connector.types.ActionRequired` when the person must act (consent lost, wrong password) and
-  :class:`~connector.types.TemporaryError` when a retry later may succeed;
+* raise :class:`~connector.types.ActionRequired` when the person must act (consent lost, wrong password),
+  :class:`~connector.types.TemporaryError` when a retry later may succeed, and end a journey with
+  :class:`~connector.types.Declined` when the person said no at the bank (not an error: no alarm, no retry);
 * make outbound calls only through ``services.http_session(...)``, which refuses origins outside the plugin's
   configured base URLs and follows no redirects;
 * never log secrets, typed credentials or one-time codes.

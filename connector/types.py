@@ -23,6 +23,7 @@ __all__ = [
     "ActionRequired",
     "Balance",
     "Choice",
+    "Declined",
     "ChooseAccounts",
     "Done",
     "Failed",
@@ -339,6 +340,13 @@ class ActionRequired(ProviderError):
     """The consent is lost or the bank needs the person (wrong password, SCA, expired refresh token...)."""
 
     person_must_act = True
+
+
+class Declined(ProviderError):
+    """The person declined or cancelled at the provider or bank: not a failure, nothing to retry.
+
+    .. versionadded:: 1
+    """
 
 
 class TemporaryError(ProviderError):

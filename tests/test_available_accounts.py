@@ -101,6 +101,8 @@ async def test_offboarded_consent_gets_404(sage, sage_calls, browser):
     token = sage.identity.provider_api_token()
     ids = [a["bankAccountExternalId"] for a in accounts]
     links = [await sage_calls.account_created(external_id) for external_id in ids]
+    while await models.LinkedAccount.filter(bank_account_id__in=links).count() < 2:
+        await asyncio.sleep(0.01)  # linked (after the answer) before Sage deletes them
     for bank_account_id, external_id in zip(links, ids):
         await sage_calls.account_deleted(bank_account_id, external_id)
     for _ in range(500):

@@ -542,3 +542,23 @@ async def test_storage_unavailable_gets_503_and_a_retry_is_stored(sage_calls):
     status, answer, _ = await post(sage_calls, body)
     assert (status, answer) == (200, {"status": "accepted"})
     assert await models.Authorisation.exists(id=body["resource"]["id"])
+
+
+async def test_last_two_deletions_at_once_erase_the_consent_once(sage, sage_calls, browser):
+    for user in ("gina", "hal", "ines"):
+        first, second = await onboard(sage, sage_calls, browser, user=user)
+        ids = [await sage_calls.account_created(first), await sage_calls.account_created(second)]
+        for bank_account_id in ids:
+            await processed(f"resourceCreated:bankAccount:{bank_account_id}")
+        await asyncio.gather(sage_calls.account_deleted(ids[0], first), sage_calls.account_deleted(ids[1], second))
+        # "revoked" is never seen while secrets are still stored.
+        for _ in range(500):
+            consent = await models.Consent.get(accounts__external_id=first)
+            if consent.status == "revoked":
+                break
+            await asyncio.sleep(0.005)
+        assert consent.status == "revoked"
+        assert consent.secrets_sealed is None
+        for bank_account_id in ids:
+            await processed(f"resourceDeleted:bankAccount:{bank_account_id}")
+        assert (await models.Consent.get(id=consent.id)).secrets_sealed is None

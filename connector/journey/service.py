@@ -27,6 +27,7 @@ from connector.security.crypto import SecretBox, SecretError
 from connector.security.redirects import compose_redirect, redirect_allowed, state_valid
 from connector.storage import models
 from connector.types import (
+    Declined,
     ChooseAccounts,
     Done,
     Failed,
@@ -298,7 +299,8 @@ class Journeys:
         if isinstance(result, Failed):
             err = result.error
             log.info("journey failed at the provider", extra={"journey": journey.handle[:8], "code": err.code})
-            await self._save_page(journey, error_page(err.code, message=err.message, detail=err.detail),
+            code = "declined" if isinstance(err, Declined) else err.code
+            await self._save_page(journey, error_page(code, message=err.message, detail=err.detail),
                                   status="failed", flow=flow)
             return Next(self.page_url(journey.handle))
         if not isinstance(result, (Form, Redirect, Wait, ChooseAccounts)):

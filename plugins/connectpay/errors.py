@@ -5,7 +5,7 @@ Provider text goes only into ``detail``. Keeping the wording here keeps it consi
 
 from __future__ import annotations
 
-from connector.types import ActionRequired, ProviderError, TemporaryError
+from connector.types import ActionRequired, Declined, ProviderError, TemporaryError
 
 TRY_LATER = "ConnectPay is not answering right now. Please try again in a few minutes."
 
@@ -71,7 +71,7 @@ def user_blocked(detail: str | None = None) -> ActionRequired:
 
 
 def denied() -> ProviderError:
-    return ProviderError("connectpay_denied",
+    return Declined("connectpay_denied",
                          "You cancelled at ConnectPay, so no accounts were shared. You can try again at any time.")
 
 
@@ -105,7 +105,7 @@ def accounts_missing(names: str) -> ProviderError:
 
 
 def cancelled() -> ProviderError:
-    return ProviderError("connectpay_cancelled", "You stopped connecting ConnectPay. No accounts were shared.")
+    return Declined("connectpay_cancelled", "You stopped connecting ConnectPay. No accounts were shared.")
 
 
 def mode_unavailable() -> ProviderError:

@@ -30,6 +30,7 @@ from connector.types import (
     ActionRequired,
     ChooseAccounts,
     Choice,
+    Declined,
     Done,
     Failed,
     Field,
@@ -107,7 +108,7 @@ class DemoBank:
     async def resume(self, flow: Flow, event: FlowEvent) -> StepResult:
         state = flow.state
         if event.kind == "cancel":
-            return Failed(ProviderError("demobank_cancelled", "You cancelled."))
+            return Failed(Declined("demobank_cancelled", "You cancelled."))
         if event.kind == "submit" and event.action == "sign_in":
             return await self._sign_in(flow, event.first("username").strip().lower(), event.first("password"))
         if event.kind == "submit" and event.action == "verify":
@@ -118,7 +119,7 @@ class DemoBank:
             return otp_form()
         if event.kind == "callback":
             if event.first("result") != "approve":
-                return Failed(ActionRequired("demobank_denied", "You didn't allow access at Demo Bank."))
+                return Failed(Declined("demobank_denied", "You didn't allow access at Demo Bank."))
             return self._accounts(state)
         if event.kind == "poll":
             state["polls"] = state.get("polls", 0) + 1

@@ -5,7 +5,7 @@ Powens's own text (the bank's ``message`` or the technical ``description``) only
 
 from __future__ import annotations
 
-from connector.types import ActionRequired, ProviderError, TemporaryError
+from connector.types import ActionRequired, Declined, ProviderError, TemporaryError
 
 from .client import PowensAPIError, PowensBadAnswer, PowensUnreachable
 
@@ -68,8 +68,12 @@ TEMPORARY_STATES: dict[str, str] = {
 }
 
 
+DECLINED = {"powens_webauth_cancelled", "powens_cancelled"}
+
+
 def provider_error(code: str, *, detail: str | None = None) -> ProviderError:
-    return ProviderError(code, MESSAGES[code], detail=detail)
+    kind = Declined if code in DECLINED else ProviderError
+    return kind(code, MESSAGES[code], detail=detail)
 
 
 def action_required(code: str, *, detail: str | None = None) -> ActionRequired:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import os
 import re
 import uuid
@@ -86,6 +85,7 @@ class SageSite:
         app = web.Application()
         app.router.add_get("/frame", self._frame)
         app.router.add_get(REDIRECT_PATH + "{id}", self._landing)
+        app.router.add_get("/favicon.ico", self._favicon)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -110,6 +110,9 @@ class SageSite:
 </head><body><p>Sage product (test): bank feeds</p>
 <iframe title="Connect your bank" src="{src}"></iframe></body></html>"""
         return web.Response(text=page, content_type="text/html")
+
+    async def _favicon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
 
     async def _landing(self, request: web.Request) -> web.Response:
         self.arrivals.append(Arrival(request.path, {k: request.query.getall(k) for k in request.query}))
@@ -234,6 +237,28 @@ class Person:
         assert parse_qs(parts.query) == {"state": [state]}, url
         return url
 
+    # --- what the page tells the person ---
+
+    async def current_step(self) -> str:
+        """The step the indicator marks with ``aria-current="step"`` (as read aloud, without its prefix)."""
+        frame = await self.frame()
+        current = frame.locator('[aria-current="step"]')
+        assert await current.count() == 1
+        return " ".join((await current.inner_text()).replace("Current:", "").split())
+
+    async def expect_error_announced(self, message: str, field: str | None = None, *, focused: bool = True) -> None:
+        """The error is in a live region (role=alert) that has focus, and is tied to its field (aria-describedby,
+        aria-invalid) when it belongs to one."""
+        frame = await self.frame()
+        alert = frame.get_by_role("alert")
+        await expect(alert).to_contain_text(message)
+        if focused:
+            await expect(alert).to_be_focused()
+        if field is not None:
+            control = frame.get_by_label(field, exact=True)
+            assert await control.get_attribute("aria-invalid") == "true"
+            await expect(control).to_have_accessible_description(re.compile(re.escape(message)))
+
     # --- keyboard ---
 
     async def focused(self) -> dict[str, Any] | None:
@@ -324,5 +349,22 @@ def state_of(url: str) -> str:
     return state
 
 
-__all__ = ["Arrival", "CHROMIUM", "LAUNCH_ARGS", "Person", "SageSite", "axe_violations", "describe_violations",
-           "eventually", "json", "new_person", "re", "state_of"]
+@dataclass
+class Visit:
+    """One ``/auth`` (or ``/authrefresh``) visit as Sage starts it: announced, with its own redirect_uri and state."""
+
+    authorisation_id: str
+    redirect_uri: str
+    state: str
+    url: str
+
+
+async def announce_and_link(sage_calls: Any, site: SageSite, bank_id: str, *, path: str = "/auth",
+                            **extra: str) -> Visit:
+    """Send the signed "authorisation created" notification, then build the URL Sage opens in its iframe."""
+    authorisation_id = await sage_calls.announce(bank_id)
+    redirect_uri = site.redirect_uri()
+    state = str(uuid.uuid4())
+    url = sage_calls.auth_url(authorisation_id, bank_id=bank_id, redirect_uri=redirect_uri, state=state, path=path,
+                              **extra)
+    return Visit(authorisation_id, redirect_uri, state, url)

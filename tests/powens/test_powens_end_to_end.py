@@ -70,9 +70,11 @@ def back_with_state(page, state: str) -> None:
     assert parse_qs(urlsplit(page.left_to).query)["state"] == [state]
 
 
-def stopped_with_way_back(page, state: str) -> None:
-    """A clear page that ends the journey: an error status and a 'Back to Sage' link carrying Sage's state."""
-    assert page.left_to is None and page.status >= 400, (page.status, page.h1)
+def stopped_with_way_back(page, state: str, *, declined: bool = False) -> None:
+    """A clear page that ends the journey with a 'Back to Sage' link carrying Sage's state: an error status, or
+    for the person's own refusal at the bank, the plain "You didn't allow access" page."""
+    assert page.left_to is None, page.h1
+    assert page.h1 == "You didn't allow access" if declined else page.status >= 400, (page.status, page.h1)
     back, _ = page.link("Back to Sage")
     assert parse_qs(urlsplit(back).query)["state"] == [state]
     assert not page.forms or not any(f.controls for f in page.forms)
@@ -323,7 +325,7 @@ async def test_webauth_deny_ends_with_a_way_back_and_no_patch(sage, sage_calls, 
     _, state, page = await open_auth(browser, sage_calls, WEBAUTH)
     bank = await to_bank(browser, page, powens_api)
     page = await browser.submit(bank, button="Deny")
-    stopped_with_way_back(page, state)
+    stopped_with_way_back(page, state, declined=True)
     assert "You cancelled at your bank." in page.text
     assert sage.patches == []
 

@@ -1,0 +1,92 @@
+"""Helpers for feed tests and ``bench/feed.py``: a config file on disk, and linked accounts seeded straight into the
+database (for benchmarks that need a thousand accounts without a thousand journeys)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from tortoise.transactions import in_transaction
+
+from connector.journey.consents import identifier_aad, secrets_aad
+from connector.security.crypto import SecretBox
+from connector.storage import models
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(config: Mapping[str, Any]) -> str:
+    """The config dict of :func:`connector.testing.connector.connector_config` as a TOML file."""
+    lines: list[str] = []
+    for section, table in config.items():
+        if section == "banks":
+            continue
+        if section == "providers":
+            for name, provider in table.items():
+                lines.append(f"[providers.{name}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in provider.items()]
+                lines.append("")
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    for bank in config.get("banks", []):
+        lines.append("[[banks]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in bank.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    path.write_text(to_toml(config), encoding="utf-8")
+    return path
+
+
+async def seed_linked_accounts(
+    box: SecretBox,
+    *,
+    provider: str,
+    sage_bank_id: str,
+    users: Sequence[str],
+    accounts_per_user: Sequence[str],
+    requested_start: date,
+) -> list[str]:
+    """Store one active consent per user, with the given provider account ids (``{user}-{suffix}``), each linked to a
+    new bankAccountId; return the bankAccountIds. Secrets are ``{"user": user}`` (what Demo Bank expects)."""
+    ids: list[str] = []
+    now = datetime.now(UTC)
+    async with in_transaction():
+        for user in users:
+            consent_id = str(uuid.uuid4())
+            await models.Consent.create(
+                id=consent_id, provider=provider, sage_bank_id=sage_bank_id, provider_consent_id=user,
+                secrets_sealed=box.seal_json({"user": user}, secrets_aad(consent_id)), status="active")
+            for n, suffix in enumerate(accounts_per_user):
+                external_id = str(uuid.uuid4())
+                number = f"{n + 1}{abs(hash(user)) % 10**7:07d}"
+                account = await models.Account.create(
+                    consent_id=consent_id, external_id=external_id, provider_account_id=f"{user}-{suffix}",
+                    name=f"Account {suffix}", bank_identifier="040004",
+                    account_identifier_sealed=box.seal(number.encode(), identifier_aad(external_id)),
+                    account_identifier_hint=number[-4:], currency="GBP")
+                bank_account_id = str(uuid.uuid4())
+                await models.LinkedAccount.create(bank_account_id=bank_account_id, account_id=account.id,
+                                                  sage_bank_id=sage_bank_id, requested_start_date=requested_start,
+                                                  created_at=now)
+                ids.append(bank_account_id)
+    return ids
