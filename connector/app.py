@@ -15,10 +15,10 @@ from sanic import Request, Sanic
 from jinja2 import Environment, FileSystemLoader
 from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
-from tortoise.exceptions import DBConnectionError, IntegrityError, OperationalError
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 from sanic_ext import Extend
+from tortoise.exceptions import DBConnectionError, IntegrityError, OperationalError
 
 from connector.config import Settings
 from connector.errors import ApiError, PageError

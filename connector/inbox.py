@@ -89,6 +89,7 @@ class Inbox:
         self.box = box
         self.ttl = timedelta(seconds=settings.security["authorisation_ttl_seconds"])
         self.on_account_change = on_account_change
+        self._working: set[int] = set()
 
     async def store(self, body: Mapping[str, Any], caller: str) -> tuple[models.Notification, bool]:
         """Store a checked notification; return the row and whether it is new."""
@@ -134,17 +135,21 @@ class Inbox:
             await self.process(row)
 
     async def process(self, row: models.Notification) -> None:
-        claimed = await models.Notification.filter(id=row.id, processed_at__isnull=True).update(
-            processed_at=datetime.now(timezone.utc))
-        if claimed != 1:
-            return  # another worker or instance took it
+        """Act on a stored notification, then mark it processed. Every action is idempotent, so a crash midway
+        (or two instances at once) only repeats work that changes nothing the second time."""
+        if row.id in self._working:
+            return
+        self._working.add(row.id)
         try:
             outcome = await self._act(row)
         except Exception:
             log.exception("processing a notification failed", extra={"notification": row.dedupe_key})
-            await models.Notification.filter(id=row.id).update(processed_at=None, outcome="error")
+            await models.Notification.filter(id=row.id).update(outcome="error")
             return
-        await models.Notification.filter(id=row.id).update(outcome=outcome)
+        finally:
+            self._working.discard(row.id)
+        await models.Notification.filter(id=row.id).update(processed_at=datetime.now(timezone.utc),
+                                                           outcome=outcome)
 
     async def _act(self, row: models.Notification) -> str:
         extra = row.payload.get("additionalData") or {}
@@ -158,6 +163,8 @@ class Inbox:
         return "ignored"
 
     async def _link(self, row: models.Notification, extra: Mapping[str, Any]) -> str:
+        if await models.Notification.exists(dedupe_key=f"resourceDeleted:bankAccount:{row.resource_id}"):
+            return "deleted_before_link"  # the deletion overtook the creation: never start a feed for it
         account = await self._match_account(str(extra.get("externalId", "")))
         if account is None:
             log.warning("bank account notification for an unknown externalId", extra={"bank_account": row.resource_id})
@@ -207,24 +214,24 @@ class Inbox:
         return "stopped"
 
     async def _offboard(self, consent: models.Consent) -> None:
-        """Revoke provider access where possible, then erase the consent's secrets whatever happened."""
-        # The last two deletions may be processed at once: one claim, so revoke runs once and nothing writes the
-        # secrets back after they are erased (``status`` becomes ``revoked`` only together with the erasure).
-        claimed = await models.Consent.filter(id=consent.id).exclude(status="revoked").exclude(
-            status_reason="offboarding").update(status_reason="offboarding")
+        """Erase the consent's secrets, then revoke provider access where possible with the copy in memory.
+
+        Erasing first is the claim (one conditional UPDATE), so the revoke runs once even when the last two
+        deletions are processed together, and a crash can never leave secrets behind.
+        """
+        consent = await models.Consent.get(id=consent.id)
+        bank = self.settings.bank(consent.sage_bank_id)
+        session = StoredConsent(consent, bank.info(), self.box, persist=False) if (
+            bank is not None and consent.secrets_sealed) else None
+        claimed = await models.Consent.filter(id=consent.id).exclude(status="revoked").update(
+            secrets_sealed=None, status="revoked", status_reason="no_linked_account")
         if claimed != 1:
             return
-        consent = await models.Consent.get(id=consent.id)
-        provider = self.providers.get(consent.provider)
-        bank = self.settings.bank(consent.sage_bank_id)
-        if provider is not None and bank is not None and consent.secrets_sealed:
-            try:
-                await provider.revoke(StoredConsent(consent, bank.info(), self.box))
-            except Exception as exc:
-                log.warning("provider revoke failed; secrets are erased anyway",
-                            extra={"provider": consent.provider, "error": type(exc).__name__})
-        await models.Consent.filter(id=consent.id).update(secrets_sealed=None, status="revoked",
-                                                          status_reason="no_linked_account")
         log.info("consent offboarded", extra={"consent": consent.id})
-
-
+        provider = self.providers.get(consent.provider)
+        if provider is not None and session is not None:
+            try:
+                await provider.revoke(session)
+            except Exception as exc:
+                log.warning("provider revoke failed; the secrets are erased anyway",
+                            extra={"provider": consent.provider, "error": type(exc).__name__})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -185,7 +185,7 @@ async def test_bank_mismatch_gets_403_and_the_id_stays_usable(sage_calls, http):
 
 async def test_expired_authorisation_id_gets_410_and_is_not_consumed(sage_calls, http):
     authorisation_id = await sage_calls.announce()
-    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    past = datetime.now(UTC) - timedelta(seconds=1)
     await models.Authorisation.filter(id=authorisation_id).update(expires_at=past)
     before = await stored()
     for path in ("/auth", "/authrefresh"):
@@ -236,7 +236,7 @@ async def test_other_methods_get_a_405_page(sage_calls, http, method, path):
 
 
 async def test_authrefresh_mismatches_get_403_and_consume_nothing(sage, sage_calls, http, browser):
-    external_id, other_external_id = await onboard(sage, sage_calls, browser)
+    external_id, _ = await onboard(sage, sage_calls, browser)
     bank_account_id = await linked(sage_calls, external_id)
     authorisation_id = await sage_calls.announce(DEMO_BANK_ID)
     other_bank_authorisation = await sage_calls.announce(OTHER_BANK_ID)
@@ -265,7 +265,6 @@ async def test_authrefresh_mismatches_get_403_and_consume_nothing(sage, sage_cal
         params = [*valid_params(authorisation_id).items(), ("externalId", external_id), *extra]
         page, _ = await fetch(http, auth_url(sage_calls, params, "/authrefresh"))
         assert (page.status, page.h1) == (200, "Sign in to Demo Bank")
-    del other_external_id
 
 
 async def test_authrefresh_for_an_offboarded_consent_gets_403(sage, sage_calls, http, browser):
@@ -468,6 +467,15 @@ async def start(sage_calls, http) -> tuple[str, Page]:
     return page.forms[0].action, page
 
 
+async def test_get_routes_of_a_journey_change_nothing(sage_calls, http):
+    url, _ = await start(sage_calls, http)
+    before = await stored()
+    for target in (url, url, url + "/poll"):  # /poll on a page that isn't waiting only shows the page again
+        page, _ = await fetch(http, target)
+        assert page.status in (200, 303)
+    assert await stored() == before
+
+
 async def test_post_without_a_valid_handle_gets_a_404_page(sage_calls, http):
     own, _ = await start(sage_calls, http)
     before = await stored()
@@ -552,7 +560,7 @@ async def test_finished_journey_cannot_be_replayed(sage, sage_calls, http):
 async def test_expired_journey_gets_a_410_page(sage, sage_calls, http, limit):
     url, _ = await start(sage_calls, http)
     handle = url.rsplit("/", 1)[1]
-    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    past = datetime.now(UTC) - timedelta(seconds=1)
     if limit == "idle":
         await models.Journey.filter(handle=handle).update(updated_at=past - timedelta(hours=1))
     else:

@@ -254,10 +254,10 @@ async def test_consent_lost_sends_one_auth_required_per_account_then_catches_up(
     assert (consent.status, consent.status_reason) == ("auth_required", "feedtest_consent_lost")
 
     # Linked while the consent is lost: it gets its notice too; nothing is sent twice on later runs.
-    [third] = await link_accounts(browser, sage_calls, sage, "erin", start=start, only=[2]) if False else \
-        [await sage_calls.account_created(
-            (await models.Account.get(provider_account_id=accounts[2].provider_account_id)).external_id,
-            requested_start_date=f"{start.isoformat()}T00:00:00Z", bank_id=FEED_BANK_ID)]
+    external_ids = [(await models.Account.get(provider_account_id=a.provider_account_id)).external_id
+                    for a in accounts]
+    third = await sage_calls.account_created(external_ids[2], requested_start_date=f"{start.isoformat()}T00:00:00Z",
+                                             bank_id=FEED_BANK_ID)
     await wait_for(lambda: models.LinkedAccount.exists(bank_account_id=third))
     reads = len(world.reads)
     report = await feed.run_once()
@@ -269,13 +269,10 @@ async def test_consent_lost_sends_one_auth_required_per_account_then_catches_up(
     # Re-authorisation: the journey sets the consent active; the feed resumes where it stopped.
     authorisation_id = await sage_calls.announce(FEED_BANK_ID)
     page = await browser.get(sage_calls.auth_url(authorisation_id, bank_id=FEED_BANK_ID, path="/authrefresh",
-                                                 externalId=consent and (await models.Account.get(
-                                                     provider_account_id=accounts[0].provider_account_id)).external_id,
-                                                 bankaccount=first_two[0]))
+                                                 externalId=external_ids[0], bankaccount=first_two[0]))
     done = await browser.submit(page, {"User name": "erin"}, button="Sign in")
-    if done.left_to is None:
-        done = await browser.submit(done, button=done.forms[0].controls[-1].label or None)
     assert done.left_to is not None, done.text
+    assert sage.patches[-1].body == {"data": {"status": "success"}}
     report = await feed.run_once()
     assert report.ok, report.lines()
     for account_id, tx in zip(first_two, missed):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -48,7 +48,7 @@ def frame_ancestors(headers) -> str:
 
 async def journey_url(sage_calls: SageCalls, http) -> str:
     authorisation_id = await sage_calls.announce()
-    status, headers, body = await request(http, "GET", sage_calls.auth_url(authorisation_id))
+    status, _, body = await request(http, "GET", sage_calls.auth_url(authorisation_id))
     assert status == 200
     return Page("", status, body.decode()).forms[0].action
 
@@ -202,7 +202,7 @@ async def test_oversized_or_broken_requests_get_a_plain_answer(sage_calls, conne
 async def test_expired_journey_and_link_pages_carry_the_headers(sage_calls, http, path):
     url = await journey_url(sage_calls, http)
     handle = url.rsplit("/", 1)[1]
-    await models.Journey.filter(handle=handle).update(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
+    await models.Journey.filter(handle=handle).update(expires_at=datetime.now(UTC) - timedelta(seconds=1))
     status, headers, _ = await request(http, "GET", url)
     assert status == 410
     assert_common(status, headers, url)

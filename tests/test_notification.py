@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -27,10 +27,6 @@ from connector.testing.sage_id import SigningKey
 
 CAP = 64 * 1024
 OTHER_BANK_ID = "5e0c1a55-0b6b-4c0e-9d6e-3b7f3c9e2a11"
-TWO_BANKS = (
-    {"sage_bank_id": DEMO_BANK_ID, "name": "Demo Bank", "provider": "demobank"},
-    {"sage_bank_id": OTHER_BANK_ID, "name": "Other Demo Bank", "provider": "demobank"},
-)
 ATTACKER = SigningKey.generate("attacker")  # made once: RSA key generation is the slow part
 
 
@@ -143,9 +139,16 @@ def _bad_tokens(sage) -> dict[str, str]:
     }
 
 
-async def test_every_bad_token_gets_401_with_www_authenticate_and_stores_nothing(sage, sage_calls):
+def logged(caplog) -> str:
+    """Every captured log record with its structured fields, as one string to search."""
+    return "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+
+
+async def test_every_bad_token_gets_401_with_www_authenticate_and_stores_nothing(sage, sage_calls, caplog):
+    caplog.set_level("DEBUG")
     before = await snapshot()
-    for name, token in _bad_tokens(sage).items():
+    bad = _bad_tokens(sage)
+    for name, token in bad.items():
         status, body, headers = await post(sage_calls, authorisation(), headers=sage_calls.headers(token))
         assert status == 401, name
         assert body["error"] == "invalid_token", name
@@ -161,6 +164,11 @@ async def test_every_bad_token_gets_401_with_www_authenticate_and_stores_nothing
         assert (status, body["error"]) == (401, "invalid_token"), name
         assert resp_headers["WWW-Authenticate"] == 'Bearer error="invalid_token"', name
     assert await snapshot() == before
+    text = logged(caplog)
+    assert "token refused" in text
+    for token in bad.values():
+        for segment in token.split("."):
+            assert len(segment) < 8 or segment not in text  # no token, nor any part of one, in a log line
 
 
 async def test_missing_or_wrong_scope_gets_403_insufficient_scope(sage, sage_calls):
@@ -189,7 +197,9 @@ async def test_scope_accepted_in_scope_scp_or_permissions(sage, sage_calls):
 # --- the custom header (W1) -----------------------------------------------------------------------------------------
 
 
-async def test_custom_header_missing_wrong_twice_or_non_ascii_gets_401_and_stores_nothing(sage_calls, connector):
+async def test_custom_header_missing_wrong_twice_or_non_ascii_gets_401_and_stores_nothing(sage_calls, connector,
+                                                                                           caplog):
+    caplog.set_level("DEBUG")
     name, value = connector.endpoints.notification_header_name, connector.endpoints.notification_header_value
     before = await snapshot()
     wrong_same_length = ("A" if value[0] != "A" else "B") + value[1:]
@@ -226,6 +236,7 @@ async def test_custom_header_missing_wrong_twice_or_non_ascii_gets_401_and_store
         status, raw = await raw_request(connector.port, head, payload)
         assert status == 401 and json.loads(raw)["error"] == "invalid_notification_header"
     assert await snapshot() == before
+    assert value not in logged(caplog) and value[:12] not in logged(caplog)
 
 
 async def test_custom_header_name_matches_in_any_case(sage_calls, connector):
@@ -350,7 +361,7 @@ async def test_malformed_or_wrongly_typed_json_gets_400_and_stores_nothing(sage_
 
 async def test_authorisation_created_is_stored_before_the_answer(sage_calls, connector):
     authorisation_id = str(uuid.uuid4())
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     status, body, _ = await post(sage_calls, authorisation(authorisation_id))
     assert (status, body) == (200, {"status": "accepted"})
     # No waiting: both rows exist as soon as the 200 has arrived.
@@ -358,7 +369,7 @@ async def test_authorisation_created_is_stored_before_the_answer(sage_calls, con
     row = await models.Authorisation.get(id=authorisation_id)
     assert row.sage_bank_id == DEMO_BANK_ID and row.used_at is None
     ttl = connector.settings.security["authorisation_ttl_seconds"]
-    assert before + timedelta(seconds=ttl - 5) <= row.expires_at <= datetime.now(timezone.utc) + timedelta(seconds=ttl)
+    assert before + timedelta(seconds=ttl - 5) <= row.expires_at <= datetime.now(UTC) + timedelta(seconds=ttl)
     assert (await processed(f"resourceCreated:authorisation:{authorisation_id}")).outcome == "stored"
 
 
@@ -445,7 +456,7 @@ async def test_bank_account_from_candidate_without_start_date_or_bank_starts_tod
     bank_account_id = body["resource"]["id"]
     assert (await processed(f"resourceCreated:bankAccount:{bank_account_id}")).outcome == "linked"
     link = await models.LinkedAccount.get(bank_account_id=bank_account_id)
-    assert link.requested_start_date == datetime.now(timezone.utc).date()
+    assert link.requested_start_date == datetime.now(UTC).date()
 
 
 async def test_compound_external_id_matches_the_known_part(sage, sage_calls, browser):

@@ -122,8 +122,9 @@ class AccountOutcome:
     name: str
     state: str
     reason: str = ""
-    statements: int = 0
+    statements: int = 0  # transaction statements completed in this run
     transactions: int = 0
+    notices: int = 0  # authRequired statements completed in this run
     error: str = ""
 
     @property
@@ -132,9 +133,13 @@ class AccountOutcome:
 
     def line(self) -> str:
         state = f"{self.state} ({self.reason})" if self.reason else self.state
-        sent = (f"sent {self.transactions} transaction{'s' if self.transactions != 1 else ''} in "
-                f"{self.statements} statement{'s' if self.statements != 1 else ''}") if self.statements \
-            else "nothing sent"
+        done = []
+        if self.statements:
+            done.append(f"sent {self.transactions} transaction{'s' if self.transactions != 1 else ''} in "
+                        f"{self.statements} statement{'s' if self.statements != 1 else ''}")
+        if self.notices:
+            done.append("authRequired sent")
+        sent = ", ".join(done) or "nothing sent"
         tail = f"; {self.error}" if self.error and not self.delivered else ""
         return f"{self.bank_account_id}  {self.name}  {state}  {sent}{tail}"
 
@@ -325,6 +330,9 @@ class Feed:
             session = StoredConsent(consent, bank.info(), self.box)
             if not await self._read(link, cursor, consent, provider, session, out):
                 return
+        elif cursor.read_failures:  # the provider failed lately: wait out the backoff, stay visible
+            await self._state(link, out, "failing", "provider_unavailable", cursor.last_error)
+            return
         if cursor.balance is None:
             if await models.FeedTransaction.filter(linked_account_id=link.id, statement_id=None).exists():
                 await self._state(link, out, "held", "balance_unavailable",
@@ -654,8 +662,11 @@ class Feed:
                         status="complete", completed_at=now, reason="", error="", next_attempt_at=None)
                     await models.FeedCursor.filter(id=cursor.id).update(
                         sent_transactions=F("sent_transactions") + statement.transaction_count)
-                out.statements += 1
-                out.transactions += statement.transaction_count
+                if statement.kind == "auth_required":
+                    out.notices += 1
+                else:
+                    out.statements += 1
+                    out.transactions += statement.transaction_count
                 return True
             if status == "failed":
                 failures = statement.failures + 1

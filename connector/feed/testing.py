@@ -90,3 +90,32 @@ async def seed_linked_accounts(
                                                   created_at=now)
                 ids.append(bank_account_id)
     return ids
+
+
+def settings_to_config(settings: Any, **sections: Mapping[str, Any]) -> dict[str, Any]:
+    """A raw config dict (as parsed TOML) equivalent to ``settings``, with ``sections`` merged in: for running
+    ``connector feed run`` as a subprocess against the same database and keys as an in-process connector."""
+    import base64
+
+    security = dict(settings.security)
+    security["encryption_keys"] = [base64.urlsafe_b64encode(k).decode().rstrip("=")
+                                   for k in settings.encryption_keys]
+    config: dict[str, Any] = {
+        "server": dict(settings.server),
+        "database": dict(settings.database),
+        "security": security,
+        "sage": {k: v for k, v in settings.sage.items() if v != ""},
+        "feed": dict(settings.feed),
+        "logging": dict(settings.logging),
+        "providers": {name: dict(table) for name, table in settings.providers.items()},
+        "banks": [{k: v for k, v in (("sage_bank_id", b.sage_bank_id), ("name", b.name), ("provider", b.provider),
+                                     ("provider_bank", b.provider_bank), ("country_code", b.country_code),
+                                     ("url", b.url), ("options", dict(b.options))) if v != ""}
+                  for b in settings.banks],
+    }
+    for name, values in sections.items():
+        if name == "banks":
+            config["banks"] = [dict(b) for b in values]  # type: ignore[union-attr]
+        else:
+            config.setdefault(name, {}).update(values)
+    return config

@@ -30,8 +30,9 @@ def identifier_aad(external_id: str) -> str:
 class StoredConsent:
     """A consent row with its decrypted secrets; ``save_secrets`` writes through at once."""
 
-    def __init__(self, row: models.Consent, bank: BankInfo, box: SecretBox) -> None:
+    def __init__(self, row: models.Consent, bank: BankInfo, box: SecretBox, *, persist: bool = True) -> None:
         self.row = row
+        self._persist = persist  # False once the consent's secrets are erased: nothing may write them back
         self.consent_id = row.id
         self.provider_consent_id = row.provider_consent_id
         self.bank = bank
@@ -45,12 +46,17 @@ class StoredConsent:
         return self._secrets
 
     async def save_secrets(self, secrets: Mapping[str, Any]) -> None:
+        if not self._persist:
+            self._secrets = dict(secrets)
+            return
         sealed = self._box.seal_json(dict(secrets), secrets_aad(self.consent_id))
         await models.Consent.filter(id=self.consent_id).update(secrets_sealed=sealed, version=self.row.version + 1)
         self.row.version += 1
         self._secrets = dict(secrets)
 
     async def reload(self) -> None:
+        if not self._persist:
+            return
         self.row = await models.Consent.get(id=self.consent_id)
         sealed = self.row.secrets_sealed
         self._secrets = self._box.open_json(sealed, secrets_aad(self.consent_id)) if sealed else {}

@@ -102,7 +102,8 @@ def check_form(page: Page, values: Mapping[str, Sequence[str]]) -> dict[str, str
             errors[f["name"]] = f"{f['label']} is too long."
         elif not value.strip():
             if f["required"]:
-                errors[f["name"]] = f"Enter {f['label'].lower()}."
+                verb = "Choose" if f["kind"] == "list" else "Enter"
+                errors[f["name"]] = f"{verb} {f['label'].lower()}."
         elif f["kind"] == "list" and f["choices"] and value not in {c["value"] for c in f["choices"]}:
             errors[f["name"]] = f"Choose one of the options for {f['label'].lower()}."
         elif not _pattern_ok(f["pattern"], value):

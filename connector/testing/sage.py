@@ -329,6 +329,7 @@ class SageEmulator:
         self.account_status: dict[str, str] = {}  # bankAccountId -> status after its last completed statement
         self.banks: dict[str, dict[str, Any]] = {}  # principalId -> bank
         self.count_429 = 0
+        self.throttled_at: list[float] = []  # when each 429 was answered, on ``clock`` (steady-state counts)
         self.replayed_statements = 0  # identical resends answered with the original _id
         self.issued_tokens: list[str] = []  # every access token handed out, so leak tests can look for them
 
@@ -477,6 +478,7 @@ class SageEmulator:
                 response = problem.response()
         if response.status == 429:
             self.count_429 += 1
+            self.throttled_at.append(self._clock())
         return response
 
     async def _screen(self, request: web.Request) -> web.StreamResponse | None:

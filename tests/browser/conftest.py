@@ -1,32 +1,57 @@
 """Fixtures for the browser tests: Chromium (Debian's ``/usr/bin/chromium``) through Playwright's async API, a Sage
 product page on ``http://localhost:<port>`` that frames the connector on ``http://127.0.0.1:<port>``, and a connector
-running every provider stack of ``connector.demo`` (Demo Bank, ConnectPay; Powens once its stack is listed here).
+running the provider stacks of ``connector.demo`` listed in ``BROWSER_STACKS``.
 
-To add a provider's browser flows: give ``connector/demo.py`` a ``<name>_stack`` (emulator, config, banks), add it to
-``BROWSER_STACKS`` below, and walk its pages with :class:`harness.Person` as ``test_connectpay.py`` does.
+Every browser test runs in one session-wide event loop so that one Chromium serves them all; each test still gets
+its own Sage stand-in, provider emulators, connector (fresh SQLite) and browser context.
+
+To add a provider's browser flows (Powens, for instance): give ``connector/demo.py`` a ``<name>_stack`` (emulator,
+config, banks), add it to ``BROWSER_STACKS`` below, and walk its pages with :class:`harness.Person` the way
+``test_connectpay.py`` does (``announce_and_link`` → ``person.open`` → labels and button names → ``person.check``
+on every state → ``expect_back_at_sage``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+import pytest_asyncio
 from harness import CHROMIUM, LAUNCH_ARGS, Person, SageSite, new_person
 from playwright.async_api import Browser, async_playwright
 
-from connector.demo import ProviderStack, connectpay_stack, demobank_stack
-from connector.testing.connector import RunningConnector
-from connector.testing.fixtures import ConnectorFactory, SageCalls
+from connector.demo import ProviderStack, StackFactory, connectpay_stack, demobank_stack
+from connector.plugins import Plugins
+from connector.testing.connector import (
+    RunningConnector,
+    SageEndpoints,
+    connector_config,
+    free_port,
+    settings_from,
+)
+from connector.testing.fixtures import SageCalls
+from connector.testing.sage import SageEmulator
 
-BROWSER_STACKS = (demobank_stack, connectpay_stack)
+BROWSER_STACKS: tuple[StackFactory, ...] = (demobank_stack, connectpay_stack)
+LOOP = "session"
+HERE = Path(__file__).resolve().parent
 
-if not os.path.exists(CHROMIUM) and not shutil.which("chromium"):
-    pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium package)", allow_module_level=True)
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
 
-@pytest.fixture
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    marker = pytest.mark.asyncio(loop_scope=LOOP)
+    for item in items:
+        if pytest_asyncio.is_async_test(item) and HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(marker, append=False)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope=LOOP)
 async def chromium() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
@@ -34,19 +59,34 @@ async def chromium() -> AsyncIterator[Browser]:
         await browser.close()
 
 
-@pytest.fixture
+# The core fixtures (connector.testing.fixtures), again, in the session loop the browser lives in.
+
+
+@pytest_asyncio.fixture(loop_scope=LOOP)
+async def sage() -> AsyncIterator[SageEmulator]:
+    async with SageEmulator(rate=None) as emulator:
+        yield emulator
+
+
+@pytest_asyncio.fixture(loop_scope=LOOP)
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest_asyncio.fixture(loop_scope=LOOP)
 async def site() -> AsyncIterator[SageSite]:
     s = await SageSite().start()
     yield s
     await s.stop()
 
 
-@pytest.fixture
-async def stacks(tmp_path) -> AsyncIterator[dict[str, ProviderStack]]:
-    started = {}
+@pytest_asyncio.fixture(loop_scope=LOOP)
+async def stacks(tmp_path: Path) -> AsyncIterator[dict[str, ProviderStack]]:
+    started: dict[str, ProviderStack] = {}
     for factory in BROWSER_STACKS:
         stack = await factory(tmp_path)
-        assert stack is not None
+        assert stack is not None, factory
         started[stack.provider] = stack
     yield started
     for stack in started.values():
@@ -54,28 +94,47 @@ async def stacks(tmp_path) -> AsyncIterator[dict[str, ProviderStack]]:
             await stack.close()
 
 
-@pytest.fixture
-async def connector(connector_factory: ConnectorFactory, stacks: dict[str, ProviderStack]) -> RunningConnector:
-    """The connector with every bank of every stack (replaces the Demo-Bank-only connector of the core fixtures)."""
-    running = await connector_factory(
-        banks=[bank.config() for stack in stacks.values() for bank in stack.banks],
-        providers={stack.provider: stack.config for stack in stacks.values()})
-    for stack in stacks.values():
-        if stack.on_connector:
-            stack.on_connector(running.url)
-    return running
+@pytest_asyncio.fixture(loop_scope=LOOP)
+async def connector_factory(sage: SageEmulator, plugins: Plugins, stacks: dict[str, ProviderStack],
+                            tmp_path: Path) -> AsyncIterator[Any]:
+    """Start a connector with every bank of every stack; ``extra`` overrides config sections."""
+    running: list[RunningConnector] = []
+
+    async def start(*, extra: dict[str, dict[str, Any]] | None = None) -> RunningConnector:
+        endpoints = SageEndpoints(sage.base_url, sage.client_id, sage.client_secret, sage.api_key)
+        config = connector_config(
+            endpoints, database_url=f"sqlite://{tmp_path}/connector-{len(running)}.sqlite3", port=free_port(),
+            banks=[bank.config() for stack in stacks.values() for bank in stack.banks],
+            providers={stack.provider: stack.config for stack in stacks.values()}, extra=extra)
+        connector = RunningConnector(settings_from(config), plugins)
+        connector.endpoints = endpoints  # type: ignore[attr-defined]
+        await connector.start()
+        running.append(connector)
+        for stack in stacks.values():
+            if stack.on_connector:
+                stack.on_connector(connector.url)
+        return connector
+
+    yield start
+    for connector in reversed(running):
+        await connector.stop()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope=LOOP)
+async def connector(connector_factory: Any) -> RunningConnector:
+    return await connector_factory()
+
+
+@pytest_asyncio.fixture(loop_scope=LOOP)
+async def sage_calls(sage: SageEmulator, connector: RunningConnector, http: aiohttp.ClientSession) -> SageCalls:
+    return SageCalls(sage, connector.endpoints, connector.url, http)  # type: ignore[attr-defined]
+
+
+@pytest_asyncio.fixture(loop_scope=LOOP)
 async def person(chromium: Browser, site: SageSite) -> AsyncIterator[Person]:
     """A person in a desktop-sized tab. At the end, no Content-Security-Policy violation may have been reported."""
     someone, context = await new_person(chromium, site)
     yield someone
     await context.close()
-    if not getattr(someone, "csp_expected", False):
+    if not someone.csp_expected:
         assert someone.csp_violations == [], someone.csp_violations
-
-
-@pytest.fixture
-def sage_calls(sage, connector: RunningConnector, http) -> SageCalls:
-    return SageCalls(sage, connector.endpoints, connector.url, http)  # type: ignore[attr-defined]

@@ -149,6 +149,7 @@ class Person:
     console: list[str] = field(default_factory=list)
     checked_states: list[str] = field(default_factory=list)
     in_frame: bool = True
+    csp_expected: bool = False  # a test that provokes a CSP violation on purpose sets this
 
     @classmethod
     async def in_context(cls, context: BrowserContext, site: SageSite) -> Person:
@@ -195,8 +196,11 @@ class Person:
         await expect(frame.locator("h1")).to_have_text(text, timeout=timeout)
         return frame
 
-    async def top_url(self) -> str:
-        return self.page.url
+    async def expect_error_page(self) -> str:
+        """Wait for an error page (whatever its title) and return its heading."""
+        frame = await self.frame()
+        await expect(frame.get_by_text("Reference for support")).to_be_visible()
+        return await self.heading()
 
     # --- acting by label and button name ---
 
@@ -310,6 +314,8 @@ class Person:
         else:
             await self.page.set_viewport_size({"width": width, "height": DESKTOP["height"]})
         try:
+            # The iframe lives in another renderer process: wait until its new size has reached the document.
+            await frame.wait_for_function("w => window.innerWidth === w", arg=width)
             await frame.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
             return await frame.evaluate("""w => {
               const d = document.documentElement;

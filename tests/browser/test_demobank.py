@@ -131,7 +131,7 @@ async def test_locked_account_explains_and_offers_the_way_back(person: Person, s
                                                                sage: SageEmulator) -> None:
     visit = await start(person, sage_calls, site)
     await sign_in(person, "locked")
-    await person.expect_heading("We couldn't connect to your bank")
+    await person.expect_error_page()
     text = await person.text()
     assert "Your online banking is locked" in text
     await person.check("error: locked at the bank")
@@ -143,7 +143,7 @@ async def test_locked_account_explains_and_offers_the_way_back(person: Person, s
 async def test_bank_down_says_to_try_later(person: Person, sage_calls, site: SageSite, sage: SageEmulator) -> None:
     await start(person, sage_calls, site)
     await sign_in(person, "down")
-    await person.expect_heading("We couldn't connect to your bank")
+    await person.expect_error_page()
     assert "isn't available right now" in await person.text()
     await person.check("error: bank unavailable")
     assert sage.patches == []

@@ -1,0 +1,41 @@
+"""The feed inside ``connector serve``: woken by a bank-account notification, not waiting for its interval."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from feed_provider import (  # noqa: F401 - fixtures
+    FEED_BANK_ID,
+    connector,
+    link_accounts,
+    plugins,
+    today,
+    wait_for,
+    world,
+)
+
+from connector.storage import models
+
+
+@pytest.fixture
+def connector_extra():
+    return {"feed": {"enabled": True, "interval_seconds": 3600}}
+
+
+async def test_a_linked_account_is_fed_at_once(sage, sage_calls, browser, world, connector):
+    [account] = world.open_user("gina")
+    start = today() - timedelta(days=10)
+    world.daily(account.provider_account_id, start, 6)
+    [bank_account_id] = await link_accounts(browser, sage_calls, sage, "gina", start=start)
+
+    async def fed():
+        return len(sage.transactions_by_account.get(bank_account_id, [])) == 6 and await models.LinkedAccount.exists(
+            bank_account_id=bank_account_id, feed_state="live")
+
+    await wait_for(fed, timeout=10)
+    assert connector.app.ctx.feed.lease.held
+    # Deleted in Sage: the feed is woken, and the account is stopped for good.
+    external_id = (await models.Account.get(provider_account_id=account.provider_account_id)).external_id
+    await sage_calls.account_deleted(bank_account_id, external_id, bank_id=FEED_BANK_ID)
+    await wait_for(lambda: models.LinkedAccount.exists(bank_account_id=bank_account_id, feed_state="stopped"))
