@@ -30,7 +30,7 @@ from connector.outbound import CoreServices, guarded_session
 from connector.plugins import Plugins, load_plugins
 from connector.sage.client import SageClient
 from connector.sage.ratelimit import RateLimiter
-from connector.security.crypto import SecretBox
+from connector.security.crypto import SecretBox, SecretError
 from connector.security.headers import SecurityHeaders
 from connector.security.tokens import JWKSCache, SageTokenVerifier
 from connector.storage import close_database, open_database
@@ -77,9 +77,13 @@ class Errors(ErrorHandler):
                                  status=exception.status, headers=exception.headers)
         if isinstance(exception, PageError):
             return self.page(request, exception)
-        if isinstance(exception, (OperationalError, DBConnectionError)) and not isinstance(exception, IntegrityError):
-            # The database is unreachable or refused the write: nothing was stored, so the caller may retry.
-            log.error("storage unavailable", extra={"path": request.path, "error": type(exception).__name__})
+        unreadable = isinstance(exception, SecretError)
+        if unreadable or (isinstance(exception, (OperationalError, DBConnectionError))
+                          and not isinstance(exception, IntegrityError)):
+            # The database is unreachable or refused the write (nothing was stored, so the caller may retry), or
+            # a stored secret was sealed with a key no longer configured (the message names its key id).
+            log.error("stored secret unreadable: %s" % exception if unreadable else "storage unavailable",
+                      extra={"path": request.path, "error": type(exception).__name__})
             if is_machine(request.path):
                 err = ApiError("temporarily_unavailable")
                 return json_response({"error": err.code, "message": err.message}, status=err.status,

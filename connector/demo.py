@@ -262,7 +262,10 @@ class ProductSite:
 
     # --- actions ---
 
-    async def _start(self, bank: DemoBank, kind: str, extra: Mapping[str, str] | None = None) -> Connection:
+    async def start_connection(self, bank: DemoBank, kind: str = "onboarding",
+                               extra: Mapping[str, str] | None = None) -> Connection:
+        """What Sage does when a person picks a bank: the signed notification, then the ``/auth`` (or
+        ``/authrefresh``) URL to frame, with a redirect_uri back to this page and a fresh state."""
         demo = self.demo
         authorisation_id = await demo.notifier.authorisation(bank.sage_bank_id)
         cid = uuid.uuid4().hex[:12]
@@ -281,7 +284,7 @@ class ProductSite:
         bank = self.demo.bank(str(form.get("bank", "")))
         if bank is None:
             raise web.HTTPBadRequest(text="Unknown bank")
-        connection = await self._start(bank, "onboarding")
+        connection = await self.start_connection(bank, "onboarding")
         raise web.HTTPSeeOther(f"/connections/{connection.id}")
 
     async def reconnect(self, request: web.Request) -> web.StreamResponse:
@@ -289,8 +292,8 @@ class ProductSite:
         account = next((a for a in self.linked if a.external_id == form.get("externalId")), None)
         if account is None:
             raise web.HTTPBadRequest(text="Unknown account")
-        connection = await self._start(account.bank, "reauthorisation",
-                                       {"externalId": account.external_id, "bankaccount": account.bank_account_id})
+        connection = await self.start_connection(
+            account.bank, "reauthorisation", {"externalId": account.external_id, "bankaccount": account.bank_account_id})
         raise web.HTTPSeeOther(f"/connections/{connection.id}")
 
     async def landing(self, request: web.Request) -> web.Response:
@@ -405,7 +408,7 @@ header{background:#00273d;color:#fff;padding:.75rem 1rem;font-weight:700}
 main{max-width:%s;margin:0 auto;padding:0 1rem 2rem}
 h1{font-size:1.6rem} .muted{color:#4a4a4a} .banks{list-style:none;padding:0;display:grid;gap:1rem;
 grid-template-columns:repeat(auto-fill,minmax(17rem,1fr))} .bank{border:1px solid #6b6b6b;padding:0 1rem 1rem}
-.hints{padding-left:1.2rem;font-size:.95rem} button{font:inherit;font-weight:600;padding:.5rem 1rem;
+.hints{padding-left:1.2rem;font-size:.95rem;margin-bottom:1rem} button{font:inherit;font-weight:600;padding:.5rem 1rem;
 background:#00636b;color:#fff;border:2px solid #00636b;border-radius:4px;cursor:pointer}
 button.secondary{background:#fff;color:#004a50} a{color:#004a50}
 :focus-visible{outline:3px solid #1b1b1b;outline-offset:2px;box-shadow:0 0 0 6px #ffbf47}
@@ -431,7 +434,7 @@ def _pretty(value: Any) -> str:
             return [plain(x) for x in v]
         return v
 
-    return html.escape(json.dumps(plain(value), indent=2))
+    return html.escape(json.dumps(plain(value), indent=2, ensure_ascii=False))
 
 
 # --- the demo ------------------------------------------------------------------------------------------------------

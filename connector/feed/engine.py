@@ -24,6 +24,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -176,7 +177,8 @@ class Feed:
         self._sem = asyncio.Semaphore(self.options.parallel_accounts)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._running: dict[int, asyncio.Task[AccountOutcome | None]] = {}
+        self._active: set[int] = set()  # accounts being fed right now (by any round)
+        self._rounds: set[asyncio.Task[None]] = set()
         self.last_report: RunReport | None = None
 
     # -- running --------------------------------------------------------------------------------------------------
@@ -196,9 +198,9 @@ class Feed:
             raise LeaseHeld(holder[0] if holder else None)
         try:
             report = RunReport()
-            await self._gather(await self._account_ids(), report)
+            await self._round(await self._account_ids(), report)
             # Accounts whose consent another account found lost during this run get their authRequired now.
-            await self._gather(await self._needing_notice(), report)
+            await self._round(await self._needing_notice(), report)
             self.last_report = report
             return report
         finally:
@@ -222,7 +224,7 @@ class Feed:
                 except TimeoutError:
                     pass
         finally:
-            running = [t for t in self._running.values() if not t.done()]
+            running = [t for t in self._rounds if not t.done()]
             if running:
                 await asyncio.wait(running, timeout=5)
                 for task in running:
@@ -242,25 +244,41 @@ class Feed:
             self._wake.set()
 
     async def _tick(self) -> None:
-        await self._abandon_deleted()
-        for link_id in await self._account_ids():
-            self._launch(link_id)
+        """Start a round in the background: a slow account (a statement Sage is still processing) must not hold
+        back the next round for the others, nor an account linked meanwhile."""
+        report = RunReport()
+        task = asyncio.get_running_loop().create_task(self._round(await self._account_ids(), report))
+        self._rounds.add(task)
 
-    def _launch(self, link_id: int) -> asyncio.Task[AccountOutcome | None]:
-        task = self._running.get(link_id)
-        if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._account(link_id))
-            self._running[link_id] = task
-            task.add_done_callback(lambda t, i=link_id: self._running.pop(i, None) if self._running.get(i) is t
-                                   else None)
-        return task
+        def done(t: asyncio.Task[None]) -> None:
+            self._rounds.discard(t)
+            if not t.cancelled() and t.exception() is None:
+                self.last_report = report
 
-    async def _gather(self, link_ids: Sequence[int], report: RunReport) -> None:
+        task.add_done_callback(done)
+
+    async def _round(self, link_ids: Sequence[int], report: RunReport) -> None:
+        """Feed ``link_ids`` with at most ``parallel_accounts`` workers (memory stays flat however many accounts
+        there are); an account another round is feeding right now is skipped."""
         await self._abandon_deleted()
-        tasks = [self._launch(i) for i in link_ids]
-        for outcome in await asyncio.gather(*tasks):
-            if outcome is not None:
-                report.outcomes[outcome.bank_account_id] = outcome
+        queue = deque(i for i in link_ids if i not in self._active)
+
+        async def worker() -> None:
+            while queue and not self._stopping.is_set():
+                link_id = queue.popleft()
+                if link_id in self._active:
+                    continue
+                self._active.add(link_id)
+                try:
+                    outcome = await self._account(link_id)
+                finally:
+                    self._active.discard(link_id)
+                if outcome is not None:
+                    report.outcomes[outcome.bank_account_id] = outcome
+
+        workers = min(self.options.parallel_accounts, len(queue))
+        if workers:
+            await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def _account_ids(self) -> list[int]:
         return list(await models.LinkedAccount.filter(deleted_at__isnull=True).order_by("id")

@@ -73,7 +73,7 @@ async def notification(request: Request) -> HTTPResponse:
     except EnvelopeError as exc:
         raise ApiError("invalid_request", str(exc)) from None
     request.app.ctx.metrics.notifications.labels(f"{row.type}:{row.resource_type}", str(new).lower()).inc()
-    if new:
+    if new and row.processed_at is None:
         spawn(request.app, inbox.process(row))
     return json_response({"status": "accepted"})
 
