@@ -138,7 +138,7 @@ async def main(args: argparse.Namespace) -> int:
         row = await one_size(n, args.transactions, args.rate, args.parallel, args.batch_size)
         rows.append(row)
         print(f"{row['accounts']:>8} {row['seconds']:>8} {row['requests']:>8} {row['rate']:>7} "
-              f"{row['steady_rate']:>7} {row['ratio']:>6} {row['429_total']:>4} {str(row['429_steady']):>6} "
+              f"{row['steady_rate']:>7} {row['ratio']:>6} {row['429_total']:>4} {row['429_steady']!s:>6} "
               f"{row['duplicates']:>4} {row['missing']:>5} {row['peak_rss_mb']:>7}MB {row['rss_growth_mb']:>5}MB",
               flush=True)
     if len(rows) > 1:

@@ -30,11 +30,12 @@ from connector.outbound import CoreServices, guarded_session
 from connector.plugins import Plugins, load_plugins
 from connector.sage.client import SageClient
 from connector.sage.ratelimit import RateLimiter
-from connector.security.crypto import SecretBox, SecretError
+from connector.security.crypto import SecretBox, UnknownKey
 from connector.security.headers import SecurityHeaders
 from connector.security.tokens import JWKSCache, SageTokenVerifier
 from connector.storage import close_database, open_database
 from connector.tasks import spawn
+from connector import logs
 from connector.metrics import Metrics
 from connector.web import journey, machine, ops, render
 
@@ -77,7 +78,7 @@ class Errors(ErrorHandler):
                                  status=exception.status, headers=exception.headers)
         if isinstance(exception, PageError):
             return self.page(request, exception)
-        unreadable = isinstance(exception, SecretError)
+        unreadable = isinstance(exception, UnknownKey)
         if unreadable or (isinstance(exception, (OperationalError, DBConnectionError))
                           and not isinstance(exception, IntegrityError)):
             # The database is unreachable or refused the write (nothing was stored, so the caller may retry), or
@@ -110,6 +111,7 @@ class Errors(ErrorHandler):
 
 
 def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str | None = None) -> Sanic:
+    logs.quiet_libraries()
     plugins = plugins or load_plugins()
     available = plugins.providers()
     enabled = {n: available[n].cls for n in settings.enabled_providers() if n in available}
@@ -147,11 +149,17 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
 
     @app.on_request
     async def request_id(request: Request) -> None:
-        request.ctx.request_id = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
+        given = request.headers.get("x-request-id", "")
+        # A caller's id is kept only if it is short and plain, so it can't smuggle anything into the logs.
+        request.ctx.request_id = given if given.isascii() and given.replace("-", "").isalnum() and len(given) <= 64 \
+            else uuid.uuid4().hex
+        logs.request_id.set(request.ctx.request_id)
 
     @app.on_response
     async def secure(request: Request, response: HTTPResponse) -> None:
         headers.apply(response.headers, page=is_journey(request.path))
+        if getattr(request.ctx, "request_id", None):
+            response.headers["X-Request-ID"] = request.ctx.request_id
         route = request.route.name.rsplit(".", 1)[-1] if request.route else "unmatched"
         app.ctx.metrics.requests.labels(route, str(response.status)).inc()
 

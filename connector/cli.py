@@ -125,6 +125,27 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_new_provider(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from connector.scaffold import ScaffoldError, scaffold
+
+    try:
+        root, written = scaffold(args.name, Path(args.dir) if args.dir else None, title=args.title)
+    except ScaffoldError as err:
+        print(f"new-provider: {err}", file=sys.stderr)
+        return 1
+    print(f"created {root} with provider {args.name!r}:")
+    for path in written:
+        print(f"    {path}")
+    print("next:")
+    print(f"    cd {root}")
+    print("    pip install -e '.[test]'   # registers the connector.providers entry point")
+    print("    python -m pytest           # the journey and the feed, through a real connector")
+    print(f"    connector providers        # lists {args.name} from its entry point")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from connector.demo import run
 
@@ -296,6 +317,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8400, help="port of the demo product page (default 8400; 0: any)")
     demo.add_argument("--connector-port", type=int, default=0, help="port of the connector (default: any free port)")
     demo.set_defaults(func=cmd_demo)
+    new = sub.add_parser("new-provider", help="scaffold a provider plugin package (a fake bank with its tests) in a "
+                                              "new folder")
+    new.add_argument("name", help="the provider name, e.g. acmebank (lower case letters and digits)")
+    new.add_argument("--dir", help="the folder to create (default: ./<name>-connector)")
+    new.add_argument("--title", help="the provider's name as shown to people (default: from NAME)")
+    new.set_defaults(func=cmd_new_provider)
     command("rotate-keys", cmd_rotate_keys,
             "re-encrypt every stored secret under the first of security.encryption_keys")
     _feed_and_banks_commands(sub)

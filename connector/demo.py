@@ -30,14 +30,20 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
 
 from connector.plugins import Plugins, load_plugins
-from connector.testing.connector import RunningConnector, SageEndpoints, connector_config, free_port, settings_from
+from connector.testing.connector import (
+    RunningConnector,
+    SageEndpoints,
+    connector_config,
+    free_port,
+    settings_from,
+)
 from connector.testing.sage import SageEmulator
 
 log = logging.getLogger("connector.demo")
@@ -132,12 +138,20 @@ async def powens_stack(folder: Path) -> ProviderStack | None:
     """Powens, if its plugin and emulator are there and start (the plugin is younger than the others)."""
     del folder
     try:
-        from connector.testing.powens import CREDENTIALS_BANK, WEBAUTH_BANK, PowensEmulator
+        from connector.testing.powens import (
+            CREDENTIALS_BANK,
+            WEBAUTH_BANK,
+            PowensEmulator,
+        )
         from plugins.powens import Powens  # noqa: F401  (the plugin must import too)
     except Exception as exc:  # noqa: BLE001  (any import problem means: no Powens in this demo)
         log.warning("Powens left out of the demo: %s", type(exc).__name__)
         return None
-    emulator = await PowensEmulator().start()
+    try:
+        emulator = await PowensEmulator().start()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("Powens left out of the demo: its emulator did not start (%s)", type(exc).__name__)
+        return None
     banks = [
         DemoBank(POWENS_CREDENTIALS_ID, "Credentials Bank (Powens)", "powens", provider_bank=CREDENTIALS_BANK, hints=(
             ("Customer number", "any, e.g. alice (wrongpass, otp, decoupled script the bank)"),
@@ -480,7 +494,7 @@ class Demo:
         return [s for s in self.sage.statements
                 if isinstance(s, dict) and s.get("data", {}).get("principalId") == bank_account_id]
 
-    async def start(self) -> Demo:
+    async def start(self) -> Self:
         self._tmp = tempfile.TemporaryDirectory(prefix="connector-demo-")
         folder = Path(self._tmp.name)
         try:
@@ -532,7 +546,7 @@ class Demo:
             self._tmp.cleanup()
             self._tmp = None
 
-    async def __aenter__(self) -> Demo:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -16,17 +16,17 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import aiohttp  # noqa: E402
-from playwright.async_api import async_playwright  # noqa: E402
+import aiohttp
+from playwright.async_api import async_playwright
 
-from connector.demo import (  # noqa: E402
+from connector.demo import (
     BAAS_OTP,
     CONNECTPAY_ANY_ID,
     CONNECTPAY_BAAS_ID,
@@ -35,7 +35,7 @@ from connector.demo import (  # noqa: E402
     REDIRECT_PATH,
     Demo,
 )
-from connector.testing.driver import Driver, Page  # noqa: E402
+from connector.testing.driver import Driver, Page
 
 WIDTHS = (1280, 320)
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -312,7 +312,7 @@ async def capture(out: Path, only: str | None, chromium: str) -> list[Path]:
                 target = url or await shot.make()
                 if shot.clock_ahead:
                     ahead = timedelta(seconds=shot.clock_ahead)
-                    journeys.clock = lambda ahead=ahead: datetime.now(timezone.utc) + ahead
+                    journeys.clock = lambda ahead=ahead: datetime.now(UTC) + ahead
                 try:
                     await page.goto(target, wait_until="load")
                     await page.wait_for_timeout(100)  # focus-error.js, poll.js's first text change

@@ -221,24 +221,24 @@ async def _count(ids: list[str]) -> bool:
 
 # --- fixtures (import them into a test module to use them) --------------------------------------------------------
 
-import sys  # noqa: E402
+import sys
 
-import pytest  # noqa: E402
+import pytest
 
-from connector.feed import Feed, FeedOptions  # noqa: E402
-from connector.outbound import guarded_session  # noqa: E402
-from connector.plugins import load_plugins  # noqa: E402
-from connector.sage.client import SageClient  # noqa: E402
-from connector.sage.ratelimit import Backoff, RateLimiter  # noqa: E402
-from connector.testing.fixtures import DEMO_BANK_ID  # noqa: E402
+from connector.feed import Feed, FeedOptions
+from connector.outbound import guarded_session
+from connector.plugins import load_plugins
+from connector.sage.client import SageClient
+from connector.sage.ratelimit import Backoff, RateLimiter
+from connector.testing.fixtures import DEMO_BANK_ID
 
 BANKS = (
     {"sage_bank_id": DEMO_BANK_ID, "name": "Demo Bank", "provider": "demobank"},
     {"sage_bank_id": FEED_BANK_ID, "name": "Feed Test Bank", "provider": "feedtest"},
 )
 #: Waits shortened so fault tests run in seconds; the rules (order, doubling, caps) are the production ones.
-FAST = dict(poll_first=0.02, poll_cap=0.1, late_poll=0.2, failed_backoff=0.2, failed_backoff_cap=1.0,
-            read_retry=0.01, read_retry_cap=0.05, read_backoff=0.3, read_backoff_cap=1.0, lease_ttl=5.0)
+FAST = {"poll_first": 0.02, "poll_cap": 0.1, "late_poll": 0.2, "failed_backoff": 0.2, "failed_backoff_cap": 1.0,
+        "read_retry": 0.01, "read_retry_cap": 0.05, "read_backoff": 0.3, "read_backoff_cap": 1.0, "lease_ttl": 5.0}
 
 
 @pytest.fixture
@@ -248,7 +248,7 @@ def world() -> World:
 
 
 @pytest.fixture
-def plugins(world):  # noqa: F811 - overrides connector.testing.fixtures.plugins
+def plugins(world):
     return load_plugins(extra=(sys.modules[__name__],))
 
 
@@ -259,7 +259,7 @@ def connector_extra() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-async def connector(connector_factory, connector_extra):  # noqa: F811
+async def connector(connector_factory, connector_extra):
     return await connector_factory(banks=BANKS, providers={"demobank": {"history_days": 90}, "feedtest": {}},
                                    extra=connector_extra)
 

@@ -1,5 +1,6 @@
 """The statement feed end to end: real connector, real Sage emulator (which enforces Sage's statement rules), accounts
 linked through the real onboarding journey and bank-account notifications."""
+# ruff: noqa: F811  (pytest fixtures imported from feed_provider are parameters of the tests)
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from plugins.demobank import mapping as demo
 
 
 @pytest.fixture
-def connector_extra():  # noqa: F811
+def connector_extra():
     return {"sage": {"statement_batch_size": 10}}
 
 

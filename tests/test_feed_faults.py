@@ -1,5 +1,6 @@
 """The feed under faults: Sage's rate limit and 429 storms, 5xx, timeouts, expiring tokens, refused, failed and slow
 statements, and a provider that is down. Every test ends by checking each transaction reached Sage exactly once."""
+# ruff: noqa: F811  (pytest fixtures imported from feed_provider are parameters of the tests)
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """``connector feed run`` and ``connector feed status`` as an operator runs them: real subprocesses against the Sage
 emulator and a SQLite file, killed with SIGKILL in the middle of a statement and restarted."""
 
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,7 @@ HISTORY = 30  # Demo Bank days of history: 3 statements of 10 per account
 
 
 @pytest.fixture
-async def connector(connector_factory):  # noqa: F811 - Demo Bank only: the subprocess loads the built-in plugins
+async def connector(connector_factory):
     return await connector_factory(banks=DEMO_BANKS, providers={"demobank": {"history_days": HISTORY}},
                                    extra={"sage": {"statement_batch_size": 10}})
 

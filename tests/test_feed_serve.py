@@ -1,4 +1,5 @@
 """The feed inside ``connector serve``: woken by a bank-account notification, not waiting for its interval."""
+# ruff: noqa: F811  (pytest fixtures imported from feed_provider are parameters of the tests)
 
 from __future__ import annotations
 

@@ -65,25 +65,25 @@ def test_transaction_detail_fields():
         "narrative1": "line one", "narrative2": "line two", "referenceNumber": "E2E-1",
         "exchangeCurrency": "GBP", "exchangeAmount": Decimal("-35.00"),
         "payee": {"payeeDescription": "Demo Coffee Ltd"}}
-    bare = st.transaction_detail(ACCOUNT, "u2", Transaction("t2", date(2025, 1, 2), Decimal("5"), "  ",
+    bare = st.transaction_detail(ACCOUNT, "u2", Transaction("t2", date(2025, 1, 2), Decimal(5), "  ",
                                                             counterparty="Client"))
     assert bare["description"] == "Client" and bare["transactionType"] == "CREDIT"
     assert set(bare) == {"uniqueId", "bankAccountId", "transactionAmount", "transactionType", "transactionStatus",
                          "datePosted", "description", "payee"}
     same_currency = st.transaction_detail(ACCOUNT, "u3", Transaction(
-        "t3", date(2025, 1, 2), Decimal("5"), "x", currency="EUR", original_amount=Decimal("5"),
+        "t3", date(2025, 1, 2), Decimal(5), "x", currency="EUR", original_amount=Decimal(5),
         original_currency="EUR"))
     assert "exchangeAmount" not in same_currency
-    assert st.transaction_detail(ACCOUNT, "u4", Transaction("t4", date(2025, 1, 2), Decimal("-1"), ""))[
+    assert st.transaction_detail(ACCOUNT, "u4", Transaction("t4", date(2025, 1, 2), Decimal(-1), ""))[
         "description"] == "Debit"
 
 
 def test_batches_respect_size_and_the_14_day_span():
     rows = pending([(date(2025, 1, 1) + timedelta(days=d), "-1.00") for d in range(60)])
-    batches = st.plan_batches(rows, balance=Decimal("100"), batch_size=100, today=TODAY, last_planned=None)
+    batches = st.plan_batches(rows, balance=Decimal(100), batch_size=100, today=TODAY, last_planned=None)
     assert [len(b.rows) for b in batches] == [15, 15, 15, 15]
     assert all((b.last_date - b.first_date).days == 14 for b in batches)
-    small = st.plan_batches(rows, balance=Decimal("100"), batch_size=7, today=TODAY, last_planned=None)
+    small = st.plan_batches(rows, balance=Decimal(100), batch_size=7, today=TODAY, last_planned=None)
     assert max(len(b.rows) for b in small) == 7 and sum(len(b.rows) for b in small) == 60
 
 
@@ -97,11 +97,11 @@ def test_balances_are_computed_back_from_the_current_balance():
 
 def test_late_booked_transactions_go_in_a_batch_of_their_own():
     rows = pending([(date(2025, 3, 5), "-2.00"), (date(2025, 3, 6), "-3.00"), (date(2025, 3, 20), "4.00")])
-    batches = st.plan_batches(rows, balance=Decimal("50"), batch_size=100, today=TODAY,
+    batches = st.plan_batches(rows, balance=Decimal(50), batch_size=100, today=TODAY,
                               last_planned=date(2025, 3, 10))
     assert [(b.late, len(b.rows)) for b in batches] == [(True, 2), (False, 1)]
     assert batches[0].balance_date == date(2025, 3, 10)  # the newest date already sent
-    assert batches[0].ledger_balance == Decimal("46") and batches[1].ledger_balance == Decimal("50")
+    assert batches[0].ledger_balance == Decimal(46) and batches[1].ledger_balance == Decimal(50)
 
 
 def test_random_histories_always_make_statements_sage_accepts():
@@ -138,9 +138,9 @@ def test_auth_required_body_is_the_status_only_statement():
 
 
 def test_the_emulator_checker_catches_a_broken_batch():
-    [batch] = st.plan_batches(pending([(date(2025, 3, 1), "10.00")]), balance=Decimal("10"), batch_size=10,
+    [batch] = st.plan_batches(pending([(date(2025, 3, 1), "10.00")]), balance=Decimal(10), batch_size=10,
                               today=TODAY, last_planned=None)
     body = parse_json(st.transactions_body(ACCOUNT, BANK, batch))
-    body["data"]["expected"]["transactionCreditSum"] = Decimal("11")
+    body["data"]["expected"]["transactionCreditSum"] = Decimal(11)
     with pytest.raises(Problem):
         check_statement(body, today=TODAY)

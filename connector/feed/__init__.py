@@ -4,4 +4,4 @@ Decisions 5–9). See :mod:`connector.feed.engine` for the run and :mod:`connect
 from connector.feed.engine import AccountOutcome, Feed, FeedOptions, LeaseHeld, RunReport
 from connector.feed.statements import UNIQUE_ID_NAMESPACE, unique_id
 
-__all__ = ["AccountOutcome", "Feed", "FeedOptions", "LeaseHeld", "RunReport", "UNIQUE_ID_NAMESPACE", "unique_id"]
+__all__ = ["UNIQUE_ID_NAMESPACE", "AccountOutcome", "Feed", "FeedOptions", "LeaseHeld", "RunReport", "unique_id"]

@@ -179,6 +179,7 @@ class Feed:
         self._stopping = asyncio.Event()
         self._active: set[int] = set()  # accounts being fed right now (by any round)
         self._rounds: set[asyncio.Task[None]] = set()
+        self._webhook_mark = 0  # the last provider-webhook notification acted on
         self.last_report: RunReport | None = None
 
     # -- running --------------------------------------------------------------------------------------------------
@@ -198,6 +199,7 @@ class Feed:
             raise LeaseHeld(holder[0] if holder else None)
         try:
             report = RunReport()
+            await self._webhook_news()
             await self._round(await self._account_ids(), report)
             # Accounts whose consent another account found lost during this run get their authRequired now.
             await self._round(await self._needing_notice(), report)
@@ -212,6 +214,8 @@ class Feed:
         try:
             while not self._stopping.is_set():
                 held = await self.lease.acquire()
+                if held and not self._wake.is_set() and await self._has_news():
+                    self._wake.set()  # e.g. an account linked through another worker of ``serve --workers N``
                 if held and (self._wake.is_set() or time.monotonic() >= next_run):
                     self._wake.clear()
                     await self._tick()
@@ -243,9 +247,34 @@ class Feed:
             await models.FeedCursor.filter(linked_account_id__in=list(ids)).update(next_read_at=None)
             self._wake.set()
 
+    async def _has_news(self) -> bool:
+        """Work the wake-up may have missed (it only reaches the worker process that received the notification):
+        a linked account never fed, a deleted account with unsent statements, a consent re-authorised."""
+        linked = await models.LinkedAccount.filter(deleted_at__isnull=True).count()
+        started = await models.FeedCursor.filter(linked_account__deleted_at__isnull=True).count()
+        if linked != started:
+            return True
+        if await models.FeedStatement.filter(status__in=OPEN, linked_account__deleted_at__isnull=False).exists():
+            return True
+        return await models.FeedCursor.filter(auth_notice=True, linked_account__deleted_at__isnull=True,
+                                              linked_account__account__consent__status="active").exists()
+
+    async def _webhook_news(self) -> None:
+        """Provider webhooks stored by the Inbox name consents with news: read their accounts now, even inside a
+        provider's poll interval."""
+        query = models.Notification.filter(type="providerWebhook", id__gt=self._webhook_mark)
+        if self._webhook_mark == 0:
+            query = query.filter(received_at__gte=utcnow() - timedelta(seconds=max(self.options.interval, 3600)))
+        for row_id, provider, payload in await query.order_by("id").values_list("id", "resource_type", "payload"):
+            self._webhook_mark = max(self._webhook_mark, row_id)
+            consents = payload.get("consents") if isinstance(payload, dict) else None
+            if isinstance(consents, list) and consents:
+                await self.read_soon(provider, [str(c) for c in consents])
+
     async def _tick(self) -> None:
         """Start a round in the background: a slow account (a statement Sage is still processing) must not hold
         back the next round for the others, nor an account linked meanwhile."""
+        await self._webhook_news()
         report = RunReport()
         task = asyncio.get_running_loop().create_task(self._round(await self._account_ids(), report))
         self._rounds.add(task)
@@ -439,7 +468,7 @@ class Feed:
                 if await self._deliver(link, cursor, out):
                     await self._state(link, out, "auth_required", err.code, cursor.last_error)
                 return False
-            except Exception as exc:  # TemporaryError, a timeout, or a plugin bug: never the consent's fault
+            except Exception as exc:  # noqa: BLE001 - TemporaryError, a timeout or a plugin bug: not the consent
                 if isinstance(exc, ProviderError):
                     text, retry_after = f"{exc.code}: {exc.message}", exc.retry_after
                 elif isinstance(exc, TimeoutError):
@@ -448,7 +477,8 @@ class Feed:
                     log.warning("provider read raised %s", type(exc).__name__,
                                 extra={"provider": consent.provider, "bank_account": link.bank_account_id})
                     text, retry_after = f"provider error ({type(exc).__name__})", None
-                if attempt >= opts.read_attempts or self._stopping.is_set():
+                give_up = attempt >= opts.read_attempts or (retry_after or 0) > opts.read_retry_cap
+                if give_up or self._stopping.is_set():
                     failures = cursor.read_failures + 1
                     wait = min(opts.read_backoff * 2 ** min(failures - 1, 20), opts.read_backoff_cap)
                     wait = max(wait, min(retry_after or 0.0, opts.read_backoff_cap))

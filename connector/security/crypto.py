@@ -25,6 +25,10 @@ class SecretError(Exception):
     """A sealed value could not be opened (unknown key id, tampered or misplaced ciphertext)."""
 
 
+class UnknownKey(SecretError):
+    """A value sealed with a key that is no longer configured: an operator's fix (put the key back, or rotate)."""
+
+
 def key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"connector-key-id\0" + key).digest()[:8]
 
@@ -47,7 +51,7 @@ class SecretBox:
         kid, nonce = sealed[1:9], sealed[9:_HEADER]
         aead = self._keys.get(kid)
         if aead is None:
-            raise SecretError(f"sealed with key id {kid.hex()}, which is not in security.encryption_keys")
+            raise UnknownKey(f"sealed with key id {kid.hex()}, which is not in security.encryption_keys")
         try:
             return aead.decrypt(nonce, sealed[_HEADER:], aad.encode())
         except InvalidTag:

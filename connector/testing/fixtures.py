@@ -1,19 +1,40 @@
 """pytest fixtures for the connector's own tests and for third-party provider authors.
 
+This module is a pytest plugin, registered through the ``pytest11`` entry point of the ``sage-banking-connector``
+distribution: once the connector is installed, every pytest run in that environment has these fixtures, with no
+``conftest.py`` line. (With ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` set, load it with ``-p connector.testing.fixtures``.)
+
 * ``sage`` — the Sage stand-in (Sage ID + Provider API) on loopback;
+* ``plugins`` — the plugin manager the connector uses: built-ins, installed entry points, and the plugins named by
+  the ``connector_plugins`` marker or the ``provider_plugins`` fixture;
 * ``connector_factory`` — start a real connector against it with the banks and providers you name;
+* ``connector`` — one connector with Demo Bank (override it to map your own banks and providers);
 * ``sage_calls`` — sign and send notifications as Sage would (:class:`SageCalls`);
-* ``browser`` — a :class:`~connector.testing.driver.Driver` that walks pages by labels and button names.
+* ``browser`` — a :class:`~connector.testing.driver.Driver` that walks pages by labels and button names;
+* ``feed`` — the running connector's statement feed with short waits: ``await feed.run_once()``.
+
+Registering your plugin for a test module (your package need not be installed)::
+
+    import mybank_connector
+
+    pytestmark = pytest.mark.connector_plugins(mybank_connector)
+
+or for a whole folder, in its ``conftest.py``::
+
+    @pytest.fixture
+    def provider_plugins():
+        return (mybank_connector,)
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -28,6 +49,9 @@ from connector.testing.connector import (
 )
 from connector.testing.driver import Driver
 from connector.testing.sage import SageEmulator
+
+if TYPE_CHECKING:
+    from connector.feed import Feed
 
 DEMO_BANK_ID = "10aaeee6-4691-4443-8198-df39aaa8007c"
 REDIRECT_PATH = "/api/v1/indirectredirect/"
@@ -104,10 +128,40 @@ async def sage() -> AsyncIterator[SageEmulator]:
         yield emulator
 
 
+MARKER = "connector_plugins"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(*plugins): register these provider plugins (modules, objects or dotted names) with the test's "
+        "connector, besides the built-ins and installed entry points",
+    )
+
+
 @pytest.fixture
-def plugins() -> Plugins:
-    """The plugin manager the connector uses; override it to register only your own plugin."""
-    return load_plugins()
+def provider_plugins(request: pytest.FixtureRequest) -> tuple[Any, ...]:
+    """Extra provider plugins for the ``plugins`` fixture: by default those named by the ``connector_plugins``
+    marker (closest first). Override it in a ``conftest.py`` to register your plugin for a whole folder."""
+    found: list[Any] = []
+    for marker in request.node.iter_markers(MARKER):
+        for plugin in marker.args:
+            plugin = importlib.import_module(plugin) if isinstance(plugin, str) else plugin
+            if plugin not in found:
+                found.append(plugin)
+    return tuple(found)
+
+
+@pytest.fixture
+def plugins(provider_plugins: tuple[Any, ...]) -> Plugins:
+    """The plugin manager the connector uses: built-ins and installed entry points, then ``provider_plugins``
+    (a plugin already loaded through its entry point is not registered twice). Override it to choose exactly."""
+    loaded = load_plugins()
+    for plugin in provider_plugins:
+        if not loaded.pm.is_registered(plugin):
+            loaded.register(plugin, f"test: {getattr(plugin, '__name__', type(plugin).__name__)}")
+    loaded.pm.check_pending()
+    return loaded
 
 
 ConnectorFactory = Callable[..., Awaitable[RunningConnector]]
@@ -182,3 +236,24 @@ def sage_calls(sage: SageEmulator, connector: RunningConnector, http: aiohttp.Cl
 @pytest.fixture
 def browser(http: aiohttp.ClientSession, sage: SageEmulator) -> Driver:
     return Driver(http, stop_at=(sage.base_url + REDIRECT_PATH,))
+
+
+#: Waits of the ``feed`` fixture: a statement is polled after 50 ms, a failed read retried after 10 ms.
+FAST_FEED: dict[str, float] = {
+    "poll_first": 0.05, "poll_cap": 0.2, "late_poll": 0.5, "failed_backoff": 0.2, "failed_backoff_cap": 1.0,
+    "read_retry": 0.01, "read_retry_cap": 0.05, "read_backoff": 0.3, "read_backoff_cap": 1.0,
+}
+
+
+@pytest.fixture
+def feed(connector: RunningConnector) -> Feed:
+    """The running connector's statement feed (its providers, database and Sage client), with short waits.
+
+    ``report = await feed.run_once()`` reads every linked account and sends its statements to the ``sage``
+    emulator; ``report.ok``, ``report.outcomes[bank_account_id]`` and ``sage.statements`` tell what happened.
+    """
+    from connector.feed import Feed, FeedOptions
+
+    ctx = connector.app.ctx
+    return Feed(connector.settings, ctx.providers, ctx.box, ctx.sage,
+                options=FeedOptions.from_settings(connector.settings, **FAST_FEED))

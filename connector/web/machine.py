@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
+from sanic_ext import openapi
 
 from connector.errors import ApiError
 from connector.tasks import spawn
@@ -22,10 +23,17 @@ from connector.journey import consents
 from connector.security.tokens import TokenError, www_authenticate
 from connector.storage import models
 from connector.types import ProviderError, WebhookRequest
+from connector.web import apidoc, journey
 
 log = logging.getLogger("connector.web")
 
 bp = Blueprint("machine")
+apidoc.exclude_pages(journey.bp)  # HTML for people, not part of the machine API document
+
+
+@bp.before_server_start
+async def document(app, _=None) -> None:
+    apidoc.describe(app)  # components and security schemes of /docs/openapi.json
 
 MAX_NOTIFICATION_BYTES = 64 * 1024
 EXTERNAL_ID_MAX = 36  # models.Account.external_id
@@ -55,6 +63,18 @@ def _check_header(request: Request) -> None:
 
 
 @bp.post("/notification")
+@openapi.definition(
+    summary="Receive a Sage notification",
+    description="Sage tells us an authorisation was created, or a bank account was linked or deleted. Checked in "
+                "this order: size (64 KiB), the custom header, the Sage ID token (scope `WebhooksLambda`), "
+                "`Content-Type`, JSON, envelope. The notification is stored before the answer; a repeat is answered "
+                "200 and does nothing.",
+    body=apidoc.NOTIFICATION_BODY,
+    response=apidoc.responses(apidoc.ACCEPTED, "invalid_request", "invalid_notification_header", "invalid_token",
+                              "insufficient_scope", "payload_too_large", "unsupported_media_type", "internal_error",
+                              "temporarily_unavailable"),
+    secured={apidoc.NOTIFICATION_HEADER: [], apidoc.SAGE_BEARER: []},
+)
 async def notification(request: Request) -> HTTPResponse:
     if len(request.body) > MAX_NOTIFICATION_BYTES:
         raise ApiError("payload_too_large")
@@ -79,6 +99,16 @@ async def notification(request: Request) -> HTTPResponse:
 
 
 @bp.get("/availableaccounts")
+@openapi.definition(
+    summary="List the accounts of the consent behind one externalId",
+    description="Sage asks which accounts it may link, given one of the `bankAccountExternalId`s we sent. Needs a "
+                "Sage ID token with the scope `ProviderAPI`. The list is read fresh from the provider; when the "
+                "provider can't answer, the last stored list is served.",
+    parameter=apidoc.EXTERNAL_ID,
+    response=apidoc.responses(apidoc.AVAILABLE_ACCOUNTS, "invalid_request", "invalid_token", "insufficient_scope",
+                              "unknown_external_id", "internal_error", "temporarily_unavailable"),
+    secured={apidoc.SAGE_BEARER: []},
+)
 async def available_accounts(request: Request) -> HTTPResponse:
     claims = await _verify(request, "ProviderAPI")
     log.info("availableaccounts called", extra={"caller": claims.get("azp") or claims.get("sub")})
@@ -118,6 +148,15 @@ MAX_WEBHOOK_BYTES = 32 * 1024 * 1024
 
 
 @bp.post("/providers/<provider:str>/webhook")
+@openapi.definition(
+    summary="Receive a provider's webhook",
+    description="For providers whose plugin implements `webhook` (e.g. Powens). The provider plugin verifies the "
+                "signature in its own way, so no Sage credential is involved; the body is the provider's own "
+                "(at most 32 MiB). A repeat (same dedupe key) is answered 200 and does nothing.",
+    body=apidoc.WEBHOOK_BODY,
+    response=apidoc.responses(apidoc.ACCEPTED, "invalid_request", "invalid_token", "not_found", "payload_too_large",
+                              "internal_error", "temporarily_unavailable"),
+)
 async def provider_webhook(request: Request, provider: str) -> HTTPResponse:
     """A provider's webhook: the provider verifies it; the core stores its dedupe key once and wakes the feed."""
     ctx = request.app.ctx

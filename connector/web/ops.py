@@ -7,9 +7,11 @@ import asyncio
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, raw
 from sanic.response import json as json_response
+from sanic_ext import openapi
 from tortoise import Tortoise
 
 from connector.metrics import CONTENT_TYPE_LATEST
+from connector.web import apidoc
 
 bp = Blueprint("ops")
 
@@ -17,6 +19,8 @@ READY_TIMEOUT = 2.0
 
 
 @bp.get("/health")
+@openapi.definition(summary="Liveness: the process answers",
+                    response=apidoc.responses(apidoc.HEALTH, "internal_error"))
 async def health(request: Request) -> HTTPResponse:
     return json_response({"status": "ok"})
 
@@ -40,6 +44,8 @@ async def _jwks_ok(request: Request) -> bool:
 
 
 @bp.get("/ready")
+@openapi.definition(summary="Readiness: the config is loaded, the database answers, Sage ID's keys are known",
+                    response=[*apidoc.responses(apidoc.READY, "internal_error"), {"status": 503, **apidoc.NOT_READY}])
 async def ready(request: Request) -> HTTPResponse:
     checks = {"config": True, "database": await _database_ok(), "jwks": await _jwks_ok(request)}
     ok = all(checks.values())
@@ -47,5 +53,6 @@ async def ready(request: Request) -> HTTPResponse:
 
 
 @bp.get("/metrics")
+@openapi.definition(summary="Prometheus metrics", response=apidoc.responses(apidoc.METRICS, "internal_error"))
 async def metrics(request: Request) -> HTTPResponse:
     return raw(request.app.ctx.metrics.render(), content_type=CONTENT_TYPE_LATEST)

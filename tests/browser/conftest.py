@@ -21,6 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+
+pytest.importorskip("playwright", reason="pip install -e '.[test]' (Playwright drives Debian's Chromium)")
+pytest.importorskip("axe_playwright_python", reason="pip install -e '.[test]'")
+
 from harness import CHROMIUM, LAUNCH_ARGS, Person, SageSite, new_person
 from playwright.async_api import Browser, async_playwright
 
@@ -40,14 +44,16 @@ BROWSER_STACKS: tuple[StackFactory, ...] = (demobank_stack, connectpay_stack)
 LOOP = "session"
 HERE = Path(__file__).resolve().parent
 
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     marker = pytest.mark.asyncio(loop_scope=LOOP)
+    missing = None if os.path.exists(CHROMIUM) else pytest.mark.skip(
+        reason=f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CONNECTOR_CHROMIUM)")
     for item in items:
-        if pytest_asyncio.is_async_test(item) and HERE in Path(str(item.path)).resolve().parents:
+        if HERE not in Path(str(item.path)).resolve().parents:
+            continue
+        if missing is not None:
+            item.add_marker(missing)
+        if pytest_asyncio.is_async_test(item):
             item.add_marker(marker, append=False)
 
 
@@ -75,8 +81,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest_asyncio.fixture(loop_scope=LOOP)
-async def site() -> AsyncIterator[SageSite]:
-    s = await SageSite().start()
+async def site(sage: SageEmulator) -> AsyncIterator[SageSite]:
+    s = await SageSite(patch_count=lambda: len(sage.patches)).start()
     yield s
     await s.stop()
 

@@ -21,7 +21,14 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from aiohttp import web
 from axe_playwright_python.async_playwright import Axe
-from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Frame, Page, expect
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Frame,
+    Page,
+    expect,
+)
 
 CHROMIUM = os.environ.get("CONNECTOR_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -66,6 +73,7 @@ class Arrival:
 
     path: str
     query: dict[str, list[str]]
+    patches_before: int | None = None  # how many PATCHes Sage had received when the person arrived
 
 
 class SageSite:
@@ -75,8 +83,9 @@ class SageSite:
     ``redirect_uri`` points, recording each arrival.
     """
 
-    def __init__(self, host: str = "localhost") -> None:
+    def __init__(self, host: str = "localhost", patch_count: Callable[[], int] | None = None) -> None:
         self.host = host
+        self.patch_count = patch_count
         self.arrivals: list[Arrival] = []
         self._runner: web.AppRunner | None = None
         self.origin = ""
@@ -115,7 +124,8 @@ class SageSite:
         return web.Response(status=204)
 
     async def _landing(self, request: web.Request) -> web.Response:
-        self.arrivals.append(Arrival(request.path, {k: request.query.getall(k) for k in request.query}))
+        self.arrivals.append(Arrival(request.path, {k: request.query.getall(k) for k in request.query},
+                                     self.patch_count() if self.patch_count else None))
         return web.Response(text="<!doctype html><html lang='en'><head><title>Back in Sage</title></head>"
                                  "<body><h1>Back in Sage</h1></body></html>", content_type="text/html")
 
@@ -231,15 +241,27 @@ class Person:
 
     # --- Sage's end of the journey ---
 
-    async def expect_back_at_sage(self, redirect_uri: str, state: str) -> str:
-        """The browsing context the journey is in has reached ``redirect_uri`` with exactly our ``state``."""
+    async def expect_back_at_sage(self, redirect_uri: str, state: str) -> Arrival:
+        """The browsing context the journey is in has reached ``redirect_uri`` with exactly our ``state``; the
+        arrival as Sage's page recorded it (with the number of PATCHes Sage had by then)."""
         frame = await self.frame()
         await expect(frame.locator("h1")).to_have_text("Back in Sage")
         url = frame.url
         parts = urlsplit(url)
         assert url.startswith(redirect_uri + "?"), url
         assert parse_qs(parts.query) == {"state": [state]}, url
-        return url
+        [arrival] = [a for a in self.site.arrivals if a.path == parts.path and a.query == {"state": [state]}]
+        return arrival
+
+    async def expect_linked(self, visit: Visit, sage: Any) -> Any:
+        """Success as Sage sees it: the PATCH for this authorisation reached Sage *before* the person arrived back
+        at redirect_uri with state. Returns that PATCH."""
+        arrival = await self.expect_back_at_sage(visit.redirect_uri, visit.state)
+        mine = [i for i, p in enumerate(sage.patches) if p.authorisation_id == visit.authorisation_id]
+        assert mine, "no PATCH for this authorisation"
+        assert arrival.patches_before is not None and arrival.patches_before > mine[-1], \
+            "the person was sent back before the PATCH"
+        return sage.patches[mine[-1]]
 
     # --- what the page tells the person ---
 

@@ -8,7 +8,13 @@ import re
 from harness import Person, SageSite, Visit, announce_and_link
 from playwright.async_api import expect
 
-from connector.demo import BAAS_OTP, CONNECTPAY_ANY_ID, CONNECTPAY_BAAS_ID, CONNECTPAY_PSD2_ID, ProviderStack
+from connector.demo import (
+    BAAS_OTP,
+    CONNECTPAY_ANY_ID,
+    CONNECTPAY_BAAS_ID,
+    CONNECTPAY_PSD2_ID,
+    ProviderStack,
+)
 from connector.testing.sage import SageEmulator
 
 ACCOUNTS = "Choose the accounts to share with Sage"
@@ -53,9 +59,8 @@ async def test_psd2_allow_links_the_chosen_accounts(person: Person, sage_calls, 
         if not (await box.evaluate("b => b.labels[0].textContent")).startswith("Main account"):
             await box.uncheck()
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    [patch] = sage.patches
-    assert patch.authorisation_id == visit.authorisation_id
+    patch = await person.expect_linked(visit, sage)
+    assert len(sage.patches) == 1
     assert [a["accountName"].split(" ••")[0] for a in patch.body["data"]["bankAccounts"]] == ["Main account"]
 
 
@@ -102,9 +107,8 @@ async def test_baas_wrong_then_right_text_message_code(person: Person, sage_call
     await person.expect_heading(ACCOUNTS)
     await person.check("ConnectPay BaaS: accounts")
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    [patch] = sage.patches
-    assert patch.authorisation_id == visit.authorisation_id
+    patch = await person.expect_linked(visit, sage)
+    assert len(sage.patches) == 1
     assert patch.body["data"]["bankAccounts"]
 
 
@@ -148,9 +152,8 @@ async def test_psd2_reauthorisation(person: Person, sage_calls, site: SageSite, 
     await person.check("ConnectPay: reconnect interstitial")
     await at_connectpay(person, stacks, "Allow")
     # No choice this time: every linked account is still reachable, so the person goes straight back to Sage.
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    assert sage.patches[-1].authorisation_id == visit.authorisation_id
-    assert sage.patches[-1].body == {"data": {"status": "success"}}
+    patch = await person.expect_linked(visit, sage)
+    assert patch.body == {"data": {"status": "success"}}
 
 
 async def test_psd2_reauthorisation_as_another_customer_is_refused(person: Person, sage_calls, site: SageSite,
@@ -164,7 +167,7 @@ async def test_psd2_reauthorisation_as_another_customer_is_refused(person: Perso
     await person.check("ConnectPay: reconnect as someone else")
     await person.follow("Back to Sage")
     await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    assert len(sage.patches) == 1
+    assert len(sage.patches) == 1  # the onboarding's only
 
 
 async def test_baas_reauthorisation(person: Person, sage_calls, site: SageSite, sage: SageEmulator, stacks) -> None:
@@ -175,5 +178,5 @@ async def test_baas_reauthorisation(person: Person, sage_calls, site: SageSite, 
     await person.expect_heading("Enter the code from your text message")
     await person.fill("Code", BAAS_OTP)
     await person.press("Confirm")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    assert sage.patches[-1].body == {"data": {"status": "success"}}
+    patch = await person.expect_linked(visit, sage)
+    assert patch.body == {"data": {"status": "success"}}

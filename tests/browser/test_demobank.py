@@ -59,9 +59,8 @@ async def test_credentials_then_code_wrong_then_right(person: Person, sage_calls
     await frame.get_by_label("Business Current").check()
     assert sage.patches == []
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    [patch] = sage.patches
-    assert patch.authorisation_id == visit.authorisation_id
+    patch = await person.expect_linked(visit, sage)
+    assert len(sage.patches) == 1
     # (Demo Bank's grant holds every account of the user whatever was ticked; ConnectPay's holds the chosen ones.)
     assert "Business Current" in [a["accountName"].split(" ••")[0] for a in patch.body["data"]["bankAccounts"]]
 
@@ -105,7 +104,7 @@ async def test_redirect_step_leaves_the_iframe_and_returns_to_sage_from_the_top(
     assert person.page.url.startswith(sage_calls.connector_url + "/journey/")
     await person.check("accounts, top window")
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert person.page.url == f"{visit.redirect_uri}?state={visit.state}"  # the top-level URL
     assert len(sage.patches) == 1
 
@@ -115,7 +114,7 @@ async def test_decoupled_waiting_page_moves_on_by_itself(person: Person, sage_ca
     visit = await start(person, sage_calls, site)
     await sign_in(person, "decoupled")
     frame = await person.expect_heading("Approve in your banking app")
-    await expect(frame.get_by_role("status")).to_contain_text("moves on by itself")
+    await expect(frame.get_by_role("status")).to_contain_text("We check every few seconds")
     await person.check("waiting")
     loads: list[str] = []
     person.page.on("framenavigated", lambda f: loads.append(f.url) if f == frame else None)
@@ -123,7 +122,7 @@ async def test_decoupled_waiting_page_moves_on_by_itself(person: Person, sage_ca
     await person.expect_heading(ACCOUNTS, timeout=20_000)
     assert len(loads) == 1, f"the waiting page reloaded while waiting: {loads}"
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
 
 
@@ -194,9 +193,8 @@ async def test_reauthorisation_patches_status_only(person: Person, sage_calls, s
     await expect(frame.get_by_role("button", name="Reconnect")).to_be_visible()
     await person.check("accounts, reconnecting")
     await person.press("Reconnect")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    assert sage.patches[-1].authorisation_id == visit.authorisation_id
-    assert sage.patches[-1].body == {"data": {"status": "success"}}
+    patch = await person.expect_linked(visit, sage)
+    assert patch.body == {"data": {"status": "success"}}
 
 
 async def test_reauthorisation_as_someone_else_is_refused(person: Person, sage_calls, site: SageSite,
@@ -210,4 +208,4 @@ async def test_reauthorisation_as_someone_else_is_refused(person: Person, sage_c
     await person.check("error: different user")
     await person.follow("Back to Sage")
     await person.expect_back_at_sage(visit.redirect_uri, visit.state)
-    assert len(sage.patches) == 1
+    assert len(sage.patches) == 1  # the onboarding's only

@@ -6,7 +6,7 @@ checked too, so every entry of ``connector.errors.PAGES`` passes."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import aiohttp
@@ -21,7 +21,7 @@ from connector.web import render
 
 
 def later(seconds: float):
-    return lambda: datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    return lambda: datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 async def expect_way_back(person: Person, redirect_uri: str, state: str) -> None:

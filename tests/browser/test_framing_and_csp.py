@@ -63,7 +63,7 @@ async def test_main_path_reports_no_violation_and_sets_no_cookie(person: Person,
     await person.press("Confirm")
     await person.expect_heading("Choose the accounts to share with Sage")
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert person.csp_violations == []
     assert await person.page.context.cookies() == []
     assert len(sage.patches) == 1

@@ -73,7 +73,7 @@ async def test_demo_bank_with_code_by_keyboard(person: Person, sage_calls, site:
     assert (await person.focused())["checked"]
     await person.tab_to("Share with Sage")
     await person.key("Enter")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
 
 
@@ -118,7 +118,7 @@ async def test_waiting_page_by_keyboard(person: Person, sage_calls, site: SageSi
     await person.expect_heading(ACCOUNTS)  # the second check approves (by the button, or the page's own check)
     await person.tab_to("Share with Sage")
     await person.key("Space")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
 
 
@@ -148,7 +148,7 @@ async def test_connectpay_business_by_keyboard(person: Person, sage_calls, site:
     await tab_to_checkbox(person)
     await person.tab_to("Share with Sage")
     await person.key("Enter")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
 
 

@@ -40,7 +40,7 @@ async def test_demo_bank_waiting_page_with_check_now(no_js: Person, sage_calls, 
     await person.press("Check now")
     await person.expect_heading(ACCOUNTS)
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
 
 
@@ -61,7 +61,7 @@ async def test_demo_bank_code_error_without_script(no_js: Person, sage_calls, si
     await person.press("Confirm")
     await person.expect_heading(ACCOUNTS)
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
 
 
@@ -74,5 +74,5 @@ async def test_connectpay_page_and_back_without_script(no_js: Person, sage_calls
     await person.page.get_by_role("button", name="Allow").click()
     await person.expect_heading(ACCOUNTS)
     await person.press("Share with Sage")
-    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
