@@ -66,7 +66,8 @@ def child(config: str, report: str) -> int:
     return 0
 
 
-async def one_size(accounts: int, transactions: int, rate: float, parallel: int, batch_size: int) -> dict:
+async def one_size(accounts: int, transactions: int, rate: float, parallel: int, batch_size: int,
+                   database_query: str = "") -> dict:
     from connector.feed.testing import seed_linked_accounts, write_config
     from connector.security.crypto import SecretBox
     from connector.storage import close_database, open_database
@@ -78,7 +79,7 @@ async def one_size(accounts: int, transactions: int, rate: float, parallel: int,
         async with SageEmulator(rate=rate, processing_polls=0, batch_size=batch_size) as sage:
             endpoints = SageEndpoints(sage.base_url, sage.client_id, sage.client_secret, sage.api_key)
             config = connector_config(
-                endpoints, database_url=f"sqlite://{tmp}/connector.sqlite3", port=8080, banks=DEMO_BANKS,
+                endpoints, database_url=f"sqlite://{tmp}/connector.sqlite3{database_query}", port=8080, banks=DEMO_BANKS,
                 providers={"demobank": {"history_days": transactions}},
                 extra={"sage": {"requests_per_second": rate, "statement_batch_size": batch_size},
                        "feed": {"parallel_accounts": parallel}, "logging": {"level": "WARNING"}})
@@ -135,7 +136,7 @@ async def main(args: argparse.Namespace) -> int:
     print(header)
     rows = []
     for n in sizes:
-        row = await one_size(n, args.transactions, args.rate, args.parallel, args.batch_size)
+        row = await one_size(n, args.transactions, args.rate, args.parallel, args.batch_size, args.database_query)
         rows.append(row)
         print(f"{row['accounts']:>8} {row['seconds']:>8} {row['requests']:>8} {row['rate']:>7} "
               f"{row['steady_rate']:>7} {row['ratio']:>6} {row['429_total']:>4} {row['429_steady']!s:>6} "
@@ -161,5 +162,7 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=10, help="Sage's allowed requests per second (default 10)")
     parser.add_argument("--parallel", type=int, default=32, help="feed.parallel_accounts (default 32)")
     parser.add_argument("--batch-size", type=int, default=100, help="sage.statement_batch_size (default 100)")
+    parser.add_argument("--database-query", default="",
+                        help="appended to the SQLite URL, e.g. '?synchronous=NORMAL' to compare SQLite settings")
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -251,8 +251,18 @@ async def link_demo_accounts(sage, sage_calls, browser) -> list[str]:
     return [a["bankAccountExternalId"] for a in sage.patches[-1].body["data"]["bankAccounts"]]
 
 
+@pytest.fixture
+def hypothesis_home(tmp_path):
+    """Hypothesis's files (its constants cache) go to a temporary folder, not into the repository."""
+    from hypothesis import configuration
+
+    configuration.set_hypothesis_home_dir(tmp_path / "hypothesis")
+    yield
+    configuration.set_hypothesis_home_dir(None)
+
+
 async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(sage, connector, sage_calls,
-                                                                                    browser):
+                                                                                    browser, hypothesis_home):
     [external_id, _] = await link_demo_accounts(sage, sage_calls, browser)
     headers = credentials(sage, connector)
     started = time.monotonic()

@@ -50,12 +50,12 @@ OTP = "123456"
 APPROVE_AFTER_POLLS = 2
 
 
-def sign_in_form(bank: BankInfo, error: str | None = None) -> Form:
+def sign_in_form(bank: BankInfo, error: str | None = None, user: str | None = None) -> Form:
     return Form(
         title=f"Sign in to {bank.name}",
         intro="Use the details you use for online banking. Demo Bank is a test bank: any name works.",
         fields=(
-            Field("username", "User name", autocomplete="username"),
+            Field("username", "User name", autocomplete="username", value=user),
             Field("password", "Password", kind="password"),
         ),
         action="sign_in",
@@ -127,17 +127,19 @@ class DemoBank:
                 return self._waiting()
             return self._accounts(state)
         if event.kind == "choose_accounts":
-            offered = {a.provider_account_id: a for a in mapping.accounts_for(state["user"])}
+            # The consent covers what the person ticked; on re-authorisation every account is offered again.
+            chosen = set(event.values.get("account", ()))
+            accounts = [a for a in mapping.accounts_for(state["user"]) if a.provider_account_id in chosen]
             return Done(Grant(
                 secrets={"user": state["user"], "token": secrets.token_urlsafe(16)},
-                accounts=list(offered.values()),
+                accounts=accounts,
                 provider_consent_id=state["user"],
             ))
         return Failed(ProviderError("demobank_unexpected", "Something unexpected happened. Please start again."))
 
     async def _sign_in(self, flow: Flow, user: str, password: str) -> StepResult:
         if password == "wrong":
-            return sign_in_form(flow.bank, "Your bank didn't accept these details. Check them and try again.")
+            return sign_in_form(flow.bank, "Your bank didn't accept these details. Check them and try again.", user)
         if user == "locked":
             return Failed(ActionRequired("demobank_locked", "Your online banking is locked. Contact Demo Bank to "
                                          "unlock it, then try again."))
