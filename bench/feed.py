@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -40,9 +39,14 @@ TRIM_START = 1.0  # seconds of ramp-up (token, first reads) left out of the stea
 TRIM_END = 2.0  # seconds of tail (the last polls, fewer accounts than workers) left out
 
 
-def rss_kb() -> int:
+def rss_kb(field: str = "VmRSS") -> int:
+    """This process's resident memory (``VmRSS``) or its peak (``VmHWM``), in KiB.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak over into a child's ``ru_maxrss`` across fork/vfork + exec,
+    so it would grow with the emulator's memory in the benchmark process, not the feed's.
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -61,7 +65,7 @@ def child(config: str, report: str) -> int:
             code = cli.main(["feed", "run", "--once", "--config", config])
         finally:
             sys.stdout = stdout
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = rss_kb("VmHWM")
     Path(report).write_text(json.dumps({"code": code, "baseline_kb": baseline, "peak_kb": peak}))
     return 0
 
@@ -130,7 +134,8 @@ async def main(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([50, 200] if args.quick else
                                                                         [100, 300, 1000])
     print(f"feed benchmark: Sage emulator at {args.rate:g} req/s, {args.transactions} transactions per account, "
-          f"batch {args.batch_size}, parallel_accounts {args.parallel}")
+          f"batch {args.batch_size}, parallel_accounts {args.parallel}; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     header = (f"{'accounts':>8} {'seconds':>8} {'requests':>8} {'req/s':>7} {'steady':>7} {'ratio':>6} "
               f"{'429':>4} {'429 ss':>6} {'dup':>4} {'miss':>5} {'peak RSS':>9} {'growth':>7}")
     print(header)
@@ -148,6 +153,8 @@ async def main(args: argparse.Namespace) -> int:
         print(f"peak RSS grows {slope:.2f} MB per 100 accounts ({a['accounts']} → {b['accounts']} accounts)")
     if args.json:
         print(json.dumps(rows, indent=1))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (a busy machine delays "
+          "requests at the emulator, which then sees bursts: 429s and a lower ratio)")
     ok = all(r["exit_code"] == 0 and r["duplicates"] == 0 and r["missing"] == 0 for r in rows)
     return 0 if ok else 1
 

@@ -193,7 +193,7 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
         }
         app.ctx.journeys = Journeys(settings, app.ctx.providers, app.ctx.box, app.ctx.sage)
         # The statement feed: woken early when Sage links or deletes a bank account.
-        app.ctx.feed = Feed(settings, app.ctx.providers, app.ctx.box, app.ctx.sage)
+        app.ctx.feed = Feed(settings, app.ctx.providers, app.ctx.box, app.ctx.sage, metrics=app.ctx.metrics)
         app.ctx.inbox = Inbox(settings, app.ctx.providers, app.ctx.box, on_account_change=app.ctx.feed.wake)
         await app.ctx.inbox.process_pending()
 

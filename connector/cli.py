@@ -235,6 +235,28 @@ async def _feed_status(settings, *, include_deleted: bool) -> int:
     return 1 if any(r.needs_attention for r in rows) else 0
 
 
+def cmd_feed_retry(args: argparse.Namespace) -> int:
+    import asyncio
+
+    settings, _ = _settings_or_problems(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    return asyncio.run(_feed_retry(settings, args.bank_account_id, rebuild=args.rebuild))
+
+
+async def _feed_retry(settings, bank_account_id: str, *, rebuild: bool) -> int:
+    from connector.feed import admin
+    from connector.storage import close_database, open_database
+
+    await open_database(settings.database["url"])
+    try:
+        result = await admin.retry(bank_account_id, rebuild=rebuild)
+    finally:
+        await close_database()
+    print(result.message, file=sys.stdout if result.released else sys.stderr)
+    return 0 if result.released else 1
+
+
 def cmd_banks_sync(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -291,9 +313,37 @@ def _feed_and_banks_commands(sub: argparse._SubParsersAction) -> None:
     status = leaf(feed, "status", cmd_feed_status,
                   "show each linked account's feed state (exit 1 if an account needs attention)")
     status.add_argument("--all", action="store_true", help="also show accounts deleted in Sage")
+    retry = leaf(feed, "retry", cmd_feed_retry, "release an account held by a statement Sage refused")
+    retry.add_argument("bank_account_id", help="the Sage bankAccountId shown by `feed status`")
+    retry.add_argument("--rebuild", action="store_true",
+                       help="cut the held transactions into new statements instead of resending the same bytes")
     banks = nested("banks", "bank registration with Sage")
     sync = leaf(banks, "sync", cmd_banks_sync, "register or update the configured banks with Sage (POST /v1/banks)")
     sync.add_argument("--dry-run", action="store_true", help="print the body and send nothing")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from connector.storage import apply_migrations, close_database, open_database
+
+    try:
+        settings = load_settings(args.config, plugins=load_plugins())
+    except (ConfigError, PluginError) as err:
+        _print_problems(err.problems if isinstance(err, ConfigError) else [Problem("plugins", str(err))])
+        return 1
+
+    async def run() -> list[str]:
+        url = settings.database["url"]
+        await open_database(url, migrate=False)
+        try:
+            return await apply_migrations(url)
+        finally:
+            await close_database()
+
+    applied = asyncio.run(run())
+    print("\n".join(f"applied {name}" for name in applied) if applied else "database is up to date")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -311,6 +361,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
     command("check-config", cmd_check_config, "check the config and print every problem with its key")
+    command("migrate", cmd_migrate, "apply pending database migrations (serve also does this at start)")
     command("providers", cmd_providers, "list loaded provider plugins and the banks mapped to each")
     demo = sub.add_parser("demo", help="run the connector with local stand-ins of Sage and the providers, "
                                        "and print the URL of a demo Sage product page")

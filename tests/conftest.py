@@ -35,7 +35,7 @@ def third_party_provider_plugins() -> list[str]:
 def pytest_configure(config: pytest.Config) -> None:
     sys._called_from_test = True  # type: ignore[attr-defined]
     if not config.pluginmanager.is_registered(kit):
-        config.pluginmanager.register(kit, "connector")
+        config.pluginmanager.register(kit, kit.__name__)
     foreign = third_party_provider_plugins()
     if foreign:
         already = [name for name in os.environ.get(DISABLE_ENV, "").split(",") if name]

@@ -24,7 +24,12 @@ import pytest
 from connector import hookspecs
 from connector.config import schema
 from connector.errors import API_ERRORS, PAGES
-from connector.hookspecs import ConsentSession, Provider, ProviderServices, WebhookProvider
+from connector.hookspecs import (
+    ConsentSession,
+    Provider,
+    ProviderServices,
+    WebhookProvider,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -155,7 +160,7 @@ def test_every_error_code_is_listed_in_the_error_reference():
 
 def test_the_error_reference_says_what_each_provider_code_is():
     gen = load_gen_docs()
-    for name, codes in gen.all_provider_codes().items():
+    for codes in gen.all_provider_codes().values():
         for code in codes.values():
             assert code.message, f"{code.code}: no message found for the person"
 

@@ -19,6 +19,7 @@ from feed_provider import (  # noqa: F401 - fixtures
     world,
 )
 
+from connector.feed import admin
 from connector.sage.ratelimit import Backoff, RateLimiter
 from connector.storage import models
 
@@ -165,6 +166,31 @@ async def test_a_refused_statement_holds_its_account_only(sage, sage_calls, brow
     report = await feed.run_once()  # held: never skipped past, nothing resent
     assert report.outcomes[first].state == "held" and len(sage.requests_to("/v1/statements", "POST")) == posts
     assert first not in sage.transactions_by_account
+
+    # The operator releases it (`connector feed retry`): the same bytes go out again and the feed goes on.
+    assert (await admin.retry(second)).released is False  # nothing holds that one
+    result = await admin.retry(first)
+    assert result.released, result.message
+    assert (await feed.run_once()).ok
+    bodies = [r.body for r in sage.requests_to("/v1/statements", "POST")
+              if r.json and r.json["data"]["principalId"] == first]
+    assert len(bodies) == 2 and bodies[0] == bodies[1]
+    exactly_once(sage, world, [first, second], "refused")
+
+
+async def test_a_rebuilt_statement_keeps_its_unique_ids(sage, sage_calls, browser, make_feed, world):
+    [bank_account_id] = await setup(world, browser, sage_calls, sage, "rebuilt", days=20)
+    sage.reject_statements("too_many_transactions", "at most 5", count=1)
+    feed = make_feed(batch_size=10)
+    assert not (await feed.run_once()).ok
+    assert await models.FeedStatement.filter(linked_account__bank_account_id=bank_account_id).count() == 2
+    result = await admin.retry(bank_account_id, rebuild=True)
+    assert result.released and "20 transaction(s)" in result.message
+    feed.options.batch_size = 5  # "the fix": smaller statements
+    assert (await feed.run_once()).ok
+    sent = [s["data"] for s in sage.statements if s["data"]["principalId"] == bank_account_id]
+    assert [len(s["transactionDetails"]) for s in sent] == [5, 5, 5, 5]
+    exactly_once(sage, world, [bank_account_id], "rebuilt")
 
 
 async def test_a_failed_statement_is_resent_after_backoff(sage, sage_calls, browser, make_feed, world):

@@ -36,6 +36,15 @@ async def test_a_linked_account_is_fed_at_once(sage, sage_calls, browser, world,
 
     await wait_for(fed, timeout=10)
     assert connector.app.ctx.feed.lease.held
+
+    async def metrics():
+        async with sage_calls.http.get(f"{connector.url}/metrics") as resp:
+            text = await resp.text()
+        return text if 'connector_feed_accounts{reason="",state="live"} 1.0' in text else None
+
+    text = await wait_for(metrics, timeout=5)  # spec 7.41: feed states in the metrics
+    assert 'connector_statements_total{outcome="sent"} 1.0' in text
+    assert f'connector_feed_lag_seconds{{bank_account="{bank_account_id}"}}' in text
     # Deleted in Sage: the feed is woken, and the account is stopped for good.
     external_id = (await models.Account.get(provider_account_id=account.provider_account_id)).external_id
     await sage_calls.account_deleted(bank_account_id, external_id, bank_id=FEED_BANK_ID)

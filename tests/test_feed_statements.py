@@ -76,6 +76,9 @@ def test_transaction_detail_fields():
     assert "exchangeAmount" not in same_currency
     assert st.transaction_detail(ACCOUNT, "u4", Transaction("t4", date(2025, 1, 2), Decimal(-1), ""))[
         "description"] == "Debit"
+    later = st.transaction_detail(ACCOUNT, "u5", Transaction("t5", date(2025, 1, 3), Decimal(1), "x",
+                                                             value_date=date(2025, 1, 6)))
+    assert "dateUserInitiated" not in later  # a value date after booking is not when the person acted
 
 
 def test_batches_respect_size_and_the_14_day_span():

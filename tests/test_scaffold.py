@@ -72,6 +72,39 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         assert NAME not in {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def test_the_kit_is_one_pytest_plugin_loaded_through_its_entry_point(pytestconfig: pytest.Config) -> None:
+    import connector.testing.fixtures as kit
+
+    [entry] = [ep for ep in metadata.entry_points(group="pytest11") if ep.value == kit.__name__]
+    assert entry.name == "connector" and entry.dist is not None and entry.dist.name == "sage-banking-connector"
+    names = [name for name, plugin in pytestconfig.pluginmanager.list_name_plugin() if plugin is kit]
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        assert len(names) == 1  # registered once, by tests/conftest.py
+    else:
+        assert names == ["connector"]  # by the entry point, exactly as for a third-party package
+
+
+def test_installed_third_party_plugins_do_not_reach_our_tests(pytestconfig: pytest.Config, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/conftest.py disables every installed provider plugin that is not ours (datasette's guard)."""
+    from connector.plugins import load_plugins
+
+    conftest = next(p for p in pytestconfig.pluginmanager.get_plugins()
+                    if Path(getattr(p, "__file__", "") or "") == REPO / "tests" / "conftest.py")
+    (tmp_path / "intruder_bank.py").write_text("raise RuntimeError('an installed plugin was loaded by our tests')\n")
+    info = tmp_path / "intruder_bank-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: intruder-bank\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nintruder = intruder_bank\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    assert "intruder" in conftest.third_party_provider_plugins()
+    assert "demobank" not in conftest.third_party_provider_plugins()
+    conftest.pytest_configure(pytestconfig)  # what happens at the start of a run
+    assert "intruder" in os.environ[DISABLE_ENV].split(",")
+    assert "intruder" not in load_plugins().providers()  # and its module was never imported
+
+
 def test_the_generated_files(tmp_path: Path) -> None:
     root, written = scaffold.scaffold("acme_bank", tmp_path / "acme")
     assert {str(p) for p in written} == {

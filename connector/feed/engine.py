@@ -167,7 +167,9 @@ class Feed:
         *,
         options: FeedOptions | None = None,
         lease: Lease | None = None,
+        metrics: Any = None,
     ) -> None:
+        """``metrics``: the app's :class:`connector.metrics.Metrics` (``serve``), or ``None`` (``feed run``)."""
         self.settings = settings
         self.providers = providers
         self.box = box
@@ -180,7 +182,31 @@ class Feed:
         self._active: set[int] = set()  # accounts being fed right now (by any round)
         self._rounds: set[asyncio.Task[None]] = set()
         self._webhook_mark = 0  # the last provider-webhook notification acted on
+        self._states_task: asyncio.Task[None] | None = None
         self.last_report: RunReport | None = None
+        self.metrics = metrics
+        self._states_gauge = None
+        if metrics is not None:
+            from prometheus_client import Gauge
+
+            self._states_gauge = Gauge("connector_feed_accounts", "Linked accounts by feed state and reason "
+                                       "(spec 7.41)", ["state", "reason"], registry=metrics.registry)
+
+    def _count(self, metric: str, *labels: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, metric).labels(*labels).inc()
+
+    async def export_states(self) -> None:
+        """Refresh the per-state account gauge (spec 7.41); called after every round in ``serve``."""
+        if self._states_gauge is None:
+            return
+        counts: dict[tuple[str, str], int] = {}
+        for state, reason in await models.LinkedAccount.filter(deleted_at__isnull=True).values_list(
+                "feed_state", "feed_reason"):
+            counts[(state, reason)] = counts.get((state, reason), 0) + 1
+        self._states_gauge.clear()
+        for (state, reason), count in counts.items():
+            self._states_gauge.labels(state, reason).set(count)
 
     # -- running --------------------------------------------------------------------------------------------------
 
@@ -283,6 +309,8 @@ class Feed:
             self._rounds.discard(t)
             if not t.cancelled() and t.exception() is None:
                 self.last_report = report
+                if self._states_gauge is not None and not self._stopping.is_set():
+                    self._states_task = asyncio.get_running_loop().create_task(self.export_states())
 
         task.add_done_callback(done)
 
@@ -462,6 +490,7 @@ class Feed:
                                                          cursor.sync_point)
                 break
             except ActionRequired as err:
+                self._count("provider_errors", consent.provider, "action_required")
                 await self._error(cursor, f"{err.code}: {err.message}")
                 await self._consent_lost(consent, err)
                 await self._queue_notice(link, cursor)
@@ -469,6 +498,7 @@ class Feed:
                     await self._state(link, out, "auth_required", err.code, cursor.last_error)
                 return False
             except Exception as exc:  # noqa: BLE001 - TemporaryError, a timeout or a plugin bug: not the consent
+                self._count("provider_errors", consent.provider, "temporary")
                 if isinstance(exc, ProviderError):
                     text, retry_after = f"{exc.code}: {exc.message}", exc.retry_after
                 elif isinstance(exc, TimeoutError):
@@ -658,6 +688,7 @@ class Feed:
             # Spec 3.5.7 / 7.23: recorded with Sage's reason; nothing later is sent until an operator acts.
             reason = "rejected_after_resend" if statement.post_attempts > 1 else "statement_rejected"
             await models.FeedStatement.filter(id=statement.id).update(status="rejected", reason=reason, error=text)
+            self._count("statements", "refused")
             await self._state(link, out, "held", reason, text)
         elif err.reason == "unexpected_response":
             # Spec 7.22: accepted or not, we cannot tell; resending could trigger the duplicate rejection.
@@ -712,9 +743,14 @@ class Feed:
                         sent_transactions=F("sent_transactions") + statement.transaction_count)
                 if statement.kind == "auth_required":
                     out.notices += 1
+                    self._count("statements", "auth_required_sent")
                 else:
                     out.statements += 1
                     out.transactions += statement.transaction_count
+                    self._count("statements", "sent")
+                    if self.metrics is not None and statement.last_date is not None:
+                        newest = datetime.combine(statement.last_date, datetime.min.time(), UTC) + timedelta(hours=12)
+                        self.metrics.feed_lag.labels(link.bank_account_id).set(max((now - newest).total_seconds(), 0))
                 return True
             if status == "failed":
                 failures = statement.failures + 1
@@ -725,6 +761,7 @@ class Feed:
                 await models.FeedStatement.filter(id=statement.id).update(
                     status="ready", failures=failures, next_attempt_at=now + timedelta(seconds=wait),
                     reason="statement_failed", error=text, sage_statement_id=None, accepted_at=None)
+                self._count("statements", "retried")
                 await self._error(cursor, text)
                 await self._state(link, out, "failing", "statement_failed", text)
                 log.warning("statement failed at Sage; it will be resent",

@@ -57,7 +57,8 @@ def transaction_detail(bank_account_id: str, unique: str, tx: Transaction) -> di
         "datePosted": sage_date(tx.booking_date),
         "description": description,
     }
-    if tx.value_date is not None:
+    if tx.value_date is not None and tx.value_date <= tx.booking_date:
+        # A value date after the booking date is not when the person acted, and could be after today (UTC).
         detail["dateUserInitiated"] = sage_date(tx.value_date)
     for index, line in enumerate((_text(n) for n in tx.narrative if _text(n)), start=1):
         if index > 2:

@@ -7,25 +7,58 @@ from pathlib import Path
 from tortoise import Tortoise
 
 MODELS = ["connector.storage.models"]
+MIGRATIONS = "connector.storage.migrations"
 
 
 def tortoise_config(url: str) -> dict:
     return {
         "connections": {"default": url},
-        "apps": {"models": {"models": MODELS, "default_connection": "default"}},
+        "apps": {"models": {"models": MODELS, "default_connection": "default", "migrations": MIGRATIONS}},
         "use_tz": True,
         "timezone": "UTC",
     }
 
 
-async def open_database(url: str, *, create_schema: bool = True) -> None:
-    """Connect Tortoise; on SQLite create the folder of the file. ``create_schema`` makes missing tables."""
+#: For Tortoise's own command line (``python -m tortoise -c connector.storage.TORTOISE_ORM makemigrations``),
+#: which writes a new migration into ``connector/storage/migrations`` after a model change.
+TORTOISE_ORM = tortoise_config("sqlite://:memory:")
+
+
+#: Any constant: instances starting together on one PostgreSQL database take turns applying migrations.
+MIGRATION_LOCK = 0x5A6E_C0DE
+
+
+async def open_database(url: str, *, migrate: bool = True) -> None:
+    """Connect Tortoise (on SQLite, create the file's folder) and, unless told not to, apply pending migrations."""
     if url.startswith("sqlite://") and not url.startswith("sqlite://:memory:"):
         Path(url.removeprefix("sqlite://").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
     # Requests run in other tasks than the start-up listener, so the context must be the global fallback.
     await Tortoise.init(config=tortoise_config(url), _enable_global_fallback=True)
-    if create_schema:
-        await Tortoise.generate_schemas(safe=True)
+    if migrate:
+        await apply_migrations(url)
+
+
+async def apply_migrations(url: str) -> list[str]:
+    """Bring the connected database to the newest migration; return the names of those applied."""
+    from tortoise.migrations.executor import MigrationExecutor
+
+    connection = Tortoise.get_connection("default")
+    executor = MigrationExecutor(connection, tortoise_config(url)["apps"])
+    applied: list[str] = []
+
+    def progress(event: str, app: str, name: str) -> None:
+        if event == "apply_done":
+            applied.append(f"{app}.{name}")
+
+    postgres = url.startswith(("postgres://", "postgresql://", "asyncpg://"))
+    if postgres:
+        await connection.execute_query("SELECT pg_advisory_lock($1)", [MIGRATION_LOCK])
+    try:
+        await executor.migrate(progress=progress)
+    finally:
+        if postgres:
+            await connection.execute_query("SELECT pg_advisory_unlock($1)", [MIGRATION_LOCK])
+    return applied
 
 
 async def close_database() -> None:

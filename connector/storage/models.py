@@ -9,7 +9,7 @@ from tortoise.models import Model
 
 
 class Notification(Model):
-    """Every verified notification, stored before we answer; ``dedupe_key`` makes repeats no-ops."""
+    """Every verified notification, stored before we answer. ``dedupe_key`` makes repeats no-ops."""
 
     id = fields.IntField(primary_key=True)
     dedupe_key = fields.CharField(max_length=200, unique=True)
@@ -27,7 +27,7 @@ class Notification(Model):
 
 
 class Authorisation(Model):
-    """An authorisation id announced by a verified notification; consumed once by ``/auth`` or ``/authrefresh``."""
+    """An authorisation id announced by a verified notification and consumed once by ``/auth`` or ``/authrefresh``."""
 
     id = fields.CharField(max_length=36, primary_key=True)
     sage_bank_id = fields.CharField(max_length=64)
@@ -82,7 +82,7 @@ class Account(Model):
 
 
 class LinkedAccount(Model):
-    """A Sage bank account (``bankAccountId``) created for one of our accounts; the feed's unit of work."""
+    """A Sage bank account (``bankAccountId``) created for one of our accounts: the feed's unit of work."""
 
     id = fields.IntField(primary_key=True)
     bank_account_id = fields.CharField(max_length=64, unique=True)
@@ -188,7 +188,7 @@ class FeedStatement(Model):
     """One statement exactly as it is (or was) sent: ``body`` is persisted before the first POST.
 
     ``status``: ``ready`` (to send, or resend after an uncertain delivery or a ``failed``), ``accepted`` (Sage gave
-    ``sage_statement_id``; polling), ``complete``, ``rejected`` (Sage refused it: the feed holds), ``blocked`` (an
+    ``sage_statement_id``, polling), ``complete``, ``rejected`` (Sage refused it: the feed holds), ``blocked`` (an
     answer we cannot act on: the feed holds) or ``abandoned`` (the account was deleted, or the consent came back
     before an ``authRequired`` notice went out).
     """
@@ -216,11 +216,11 @@ class FeedStatement(Model):
 
     class Meta:
         table = "feed_statement"
-        indexes = (("linked_account", "status"),)
+        indexes = (("linked_account_id", "status"),)
 
 
 class FeedTransaction(Model):
-    """One booked transaction read from the provider; ``unique_id`` (Sage's ``uniqueId``) is unique, so a transaction
+    """One booked transaction read from the provider, ``unique_id`` (Sage's ``uniqueId``) is unique, so a transaction
     is stored, and therefore sent, at most once. ``statement`` is set when it is cut into a statement."""
 
     id = fields.IntField(primary_key=True)
@@ -239,7 +239,7 @@ class FeedTransaction(Model):
 
     class Meta:
         table = "feed_transaction"
-        indexes = (("linked_account", "statement"),)
+        indexes = (("linked_account_id", "statement_id"),)
 
 
 class FeedLease(Model):

@@ -153,7 +153,7 @@ async def rekey(settings: Settings) -> RekeyReport:
     box = SecretBox(settings.encryption_keys)
     names = {key_id(k).hex(): f"security.encryption_keys[{i}]" for i, k in enumerate(settings.encryption_keys)}
     first = key_id(settings.encryption_keys[0]).hex()
-    await open_database(url, create_schema=False)
+    await open_database(url, migrate=False)
     try:
         return await rekey_open(box, first, names)
     finally:

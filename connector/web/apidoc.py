@@ -74,9 +74,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "type": "object",
                 "nullable": True,
                 "properties": {
-                    "bankId": {"type": "string", "maxLength": 64},
-                    "externalId": {"type": "string"},
-                    "requestedStartDate": {"type": "string", "format": "date-time"},
+                    "bankId": {"type": "string", "description": "Required (at most 64 characters) for an authorisation"},
+                    "externalId": {"type": "string", "description": "Required for a bank account"},
+                    "requestedStartDate": {"type": "string", "description": "An ISO 8601 date-time, when not empty",
+                                           "example": "2025-01-01T00:00:00Z"},
                 },
             },
         },

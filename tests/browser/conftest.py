@@ -28,7 +28,7 @@ pytest.importorskip("axe_playwright_python", reason="pip install -e '.[test]'")
 from harness import CHROMIUM, LAUNCH_ARGS, Person, SageSite, new_person
 from playwright.async_api import Browser, async_playwright
 
-from connector.demo import ProviderStack, StackFactory, connectpay_stack, demobank_stack
+from connector.demo import DemoBank, ProviderStack, StackFactory, connectpay_stack, demobank_stack, powens_stack
 from connector.plugins import Plugins
 from connector.testing.connector import (
     RunningConnector,
@@ -40,7 +40,25 @@ from connector.testing.connector import (
 from connector.testing.fixtures import SageCalls
 from connector.testing.sage import SageEmulator
 
-BROWSER_STACKS: tuple[StackFactory, ...] = (demobank_stack, connectpay_stack)
+#: Sage's id for the Powens bank with two sources (credentials, then webauth), which only the browser tests add.
+POWENS_TWO_SOURCES_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c13"
+
+
+async def powens_browser_stack(folder: Path) -> ProviderStack | None:
+    """:func:`connector.demo.powens_stack`, plus the two-source bank, and without the production request budget (30
+    a minute would make a test wait for the limiter; the HTTP end-to-end tests lift it the same way)."""
+    stack = await powens_stack(folder)
+    if stack is None:
+        return None
+    from connector.testing.powens import TWO_SOURCE_BANK
+
+    stack.config.update(requests_per_minute=100_000, sync_timeout_seconds=5, timeout_seconds=5)
+    stack.banks.append(DemoBank(POWENS_TWO_SOURCES_ID, "Two Source Bank (Powens)", "powens",
+                                provider_bank=TWO_SOURCE_BANK))
+    return stack
+
+
+BROWSER_STACKS: tuple[StackFactory, ...] = (demobank_stack, connectpay_stack, powens_browser_stack)
 LOOP = "session"
 HERE = Path(__file__).resolve().parent
 
