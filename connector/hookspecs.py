@@ -203,7 +203,8 @@ class Provider(Protocol):
         ...
 
     async def list_accounts(self, consent: ConsentSession) -> Sequence[Account]:
-        """Called by ``/availableaccounts`` and before feeding: every account the consent can reach, read fresh.
+        """Called by ``/availableaccounts``, when Sage asks which accounts of the consent it may link: every
+        account the consent can reach, read fresh (Sage gets the last stored list when this raises).
 
         :raises ActionRequired: the consent is lost. :raises TemporaryError: try again later.
         """
@@ -222,8 +223,9 @@ class Provider(Protocol):
         ...
 
     async def revoke(self, consent: ConsentSession) -> None:
-        """Called when the last linked account of a consent is deleted in Sage: revoke provider access where the
-        provider allows it. The core erases the stored secrets afterwards, whatever happens here."""
+        """Called when the last linked account of a consent is deleted in Sage (the core has already erased the
+        stored secrets; ``save_secrets`` does nothing), and when the PATCH to Sage fails at the end of an onboarding:
+        revoke provider access where the provider allows it. An exception is logged and ignored."""
         ...
 
     async def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from feed_provider import link_accounts, wait_for
 
 from connector.feed import status
-from connector.feed.lease import Lease
+from connector.feed.lease import Lease, current_holder
 from connector.feed.testing import settings_to_config, write_config
 from connector.storage import models
 from connector.testing.fixtures import DEMO_BANK_ID, DEMO_BANKS
@@ -111,6 +112,19 @@ async def test_killed_again_and_again(sage, sage_calls, browser, config_file):
     code, out, err = await cli("feed", "run", "--once", "--config", str(config_file))
     assert code == 0, out + err
     assert_all_once(sage, ids)
+
+
+async def test_feed_run_until_stopped(sage, sage_calls, browser, config_file):
+    [bank_account_id] = await link_accounts(browser, sage_calls, sage, "gina", bank_id=DEMO_BANK_ID, only=[0],
+                                            start="2020-01-01T00:00:00Z")
+    sage.processing_polls = 0
+    proc = await start_background("feed", "run", "--config", str(config_file))
+    await wait_for(lambda: _value(len(sage.transactions_by_account.get(bank_account_id, [])) == HISTORY), timeout=20)
+    assert await current_holder() is not None
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert await current_holder() is None  # the lease is released on the way out
+    assert_all_once(sage, [bank_account_id])
 
 
 async def test_status_and_exit_codes(sage, sage_calls, browser, config_file):

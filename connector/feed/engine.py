@@ -183,6 +183,7 @@ class Feed:
         self._rounds: set[asyncio.Task[None]] = set()
         self._webhook_mark = 0  # the last provider-webhook notification acted on
         self._states_task: asyncio.Task[None] | None = None
+        self._throttled_seen = 0
         self.last_report: RunReport | None = None
         self.metrics = metrics
         self._states_gauge = None
@@ -198,8 +199,18 @@ class Feed:
 
     async def export_states(self) -> None:
         """Refresh the per-state account gauge (spec 7.41); called after every round in ``serve``."""
+        try:
+            await self._export_states()
+        except Exception:
+            log.warning("feed metrics not refreshed", exc_info=True)
+
+    async def _export_states(self) -> None:
         if self._states_gauge is None:
             return
+        throttled = getattr(getattr(self.sage, "stats", None), "throttled", 0)
+        if throttled > self._throttled_seen:  # the client counts 429s of every call it made, PATCH included
+            self.metrics.sage_throttled.inc(throttled - self._throttled_seen)
+            self._throttled_seen = throttled
         counts: dict[tuple[str, str], int] = {}
         for state, reason in await models.LinkedAccount.filter(deleted_at__isnull=True).values_list(
                 "feed_state", "feed_reason"):
@@ -239,13 +250,17 @@ class Feed:
         next_run = 0.0
         try:
             while not self._stopping.is_set():
-                held = await self.lease.acquire()
-                if held and not self._wake.is_set() and await self._has_news():
-                    self._wake.set()  # e.g. an account linked through another worker of ``serve --workers N``
-                if held and (self._wake.is_set() or time.monotonic() >= next_run):
-                    self._wake.clear()
-                    await self._tick()
-                    next_run = time.monotonic() + self.options.interval
+                held = False
+                try:
+                    held = await self.lease.acquire()
+                    if held and not self._wake.is_set() and await self._has_news():
+                        self._wake.set()  # e.g. an account linked through another worker of ``serve --workers N``
+                    if held and (self._wake.is_set() or time.monotonic() >= next_run):
+                        self._wake.clear()
+                        await self._tick()
+                        next_run = time.monotonic() + self.options.interval
+                except Exception:
+                    log.exception("feed loop error; trying again shortly")
                 wait = self.options.lease_ttl / 3
                 if held:
                     wait = min(wait, max(0.0, next_run - time.monotonic()))
@@ -307,7 +322,9 @@ class Feed:
 
         def done(t: asyncio.Task[None]) -> None:
             self._rounds.discard(t)
-            if not t.cancelled() and t.exception() is None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("feed round failed", exc_info=t.exception())
+            elif not t.cancelled():
                 self.last_report = report
                 if self._states_gauge is not None and not self._stopping.is_set():
                     self._states_task = asyncio.get_running_loop().create_task(self.export_states())
@@ -328,6 +345,9 @@ class Feed:
                 self._active.add(link_id)
                 try:
                     outcome = await self._account(link_id)
+                except Exception:
+                    log.exception("feed could not load an account; the next run tries again")
+                    outcome = None
                 finally:
                     self._active.discard(link_id)
                 if outcome is not None:
