@@ -32,14 +32,40 @@ from connector.demo import (
     CONNECTPAY_BAAS_ID,
     CONNECTPAY_PSD2_ID,
     DEMO_BANK_ID,
+    POWENS_CREDENTIALS_ID,
+    POWENS_WEBAUTH_ID,
     REDIRECT_PATH,
+    STACKS,
     Demo,
+    DemoBank,
+    ProviderStack,
+    powens_stack,
 )
 from connector.testing.driver import Driver, Page
 
 WIDTHS = (1280, 320)
+POWENS_TWO_SOURCES_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c13"  # as in tests/browser/conftest.py
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
+
+
+async def powens_shots_stack(folder: Path) -> ProviderStack | None:
+    """The demo's Powens, plus the two-source bank (for "Add more accounts"), without the 30-a-minute request
+    budget (dozens of states in a row would wait for the limiter)."""
+    stack = await powens_stack(folder)
+    if stack is None:
+        return None
+    from connector.testing.powens import TWO_SOURCE_BANK
+
+    stack.config.update(requests_per_minute=100_000)
+    stack.banks.append(DemoBank(POWENS_TWO_SOURCES_ID, "Two Source Bank (Powens)", "powens",
+                                provider_bank=TWO_SOURCE_BANK, hints=(
+                                    ("Customer number", "alice, then Add more accounts for the savings (webauth)"),
+                                )))
+    return stack
+
+
+SHOT_STACKS = tuple(powens_shots_stack if factory is powens_stack else factory for factory in STACKS)
 
 
 @dataclass
@@ -57,7 +83,10 @@ class States:
     def __init__(self, demo: Demo, http: aiohttp.ClientSession) -> None:
         self.demo = demo
         self.http = http
-        self.driver = Driver(http, stop_at=(demo.url.rstrip("/") + REDIRECT_PATH,))
+        self.powens_api = next((s.emulator for s in demo.stacks if s.provider == "powens"), None)
+        # The emulated bank's page answers its form with a 302, as real sites do.
+        foreign = (self.powens_api.root,) if self.powens_api is not None else ()
+        self.driver = Driver(http, stop_at=(demo.url.rstrip("/") + REDIRECT_PATH,), foreign=foreign)
         self.used: set[str] = set()
 
     # --- helpers ---
@@ -108,6 +137,29 @@ class States:
         account = next(a for a in self.demo.site.linked if a.external_id not in self.used)
         self.used.add(account.external_id)
         return cid, account.external_id
+
+    async def powens(self, login: str, password: str = "s3cret pass", bank_id: str = POWENS_CREDENTIALS_ID,
+                     **extra: str) -> Page:
+        page = await self.first(bank_id, **extra)
+        return await self.driver.submit(page, {"Customer number": login, "Password": password}, button="Continue")
+
+    async def powens_bank(self, page: Page, decision: str = "Allow") -> Page:
+        """From our "Continue to …" page through the bank's page (Allow or Deny) back to ours."""
+        link, _ = page.link("Continue to your bank")
+        return await self.driver.submit(await self.driver.get(link), button=decision)
+
+    async def linked_powens(self, login: str) -> tuple[str, int]:
+        """Onboard at the Powens credentials bank; the account's external id and the Powens connection."""
+        assert self.powens_api is not None
+        page = await self.powens(login)
+        ids = [c.value for f in page.forms for c in f.controls if c.name == "account"]
+        done = await self.driver.submit(page, {"account": ids[:1]}, button="Share with Sage")
+        assert done.left_to, done.text[:300]
+        async with self.http.get(done.left_to) as resp:
+            assert resp.status == 200
+        account = next(a for a in self.demo.site.linked if a.external_id not in self.used)
+        self.used.add(account.external_id)
+        return account.external_id, max(self.powens_api.connections)
 
     # --- the catalogue ---
 
@@ -249,6 +301,97 @@ class States:
             assert bank is not None
             return f"{demo.url.rstrip('/')}/connections/{(await demo.site.start_connection(bank)).id}"
 
+        async def pw_sign_in() -> str:
+            return d.journey_url(await d.first(POWENS_CREDENTIALS_ID))
+
+        async def pw_sign_in_empty() -> str:
+            return await d.at(await d.driver.submit(await d.first(POWENS_CREDENTIALS_ID), button="Continue"))
+
+        async def pw_sign_in_refused() -> str:
+            return await d.at(await d.powens("wrongpass"))
+
+        async def pw_code() -> str:
+            return await d.at(await d.powens("otp"))
+
+        async def pw_code_wrong() -> str:
+            page = await d.powens("otp")
+            return await d.at(await d.driver.submit(page, {"Code received by text message": "12ab"},
+                                                    button="Continue"))
+
+        async def pw_waiting() -> str:
+            return await d.at(await d.powens("decoupled"))
+
+        async def pw_waiting_bank() -> str:
+            return await d.at(await d.driver.submit(await d.powens("decoupled"), button="Check now"))
+
+        async def pw_action_needed() -> str:
+            return await d.at(await d.powens("actionneeded"))
+
+        async def pw_password_expired() -> str:
+            return await d.at(await d.powens("passwordexpired"))
+
+        async def pw_accounts() -> str:
+            return await d.at(await d.powens("alice"))
+
+        async def pw_accounts_more() -> str:
+            page = await d.first(POWENS_TWO_SOURCES_ID)
+            page = await d.driver.submit(page, {"Customer number": "alice", "Password": "x", "Business": "on"},
+                                         button="Continue")
+            return await d.at(page)
+
+        async def pw_webauth() -> str:
+            return await d.at(await d.first(POWENS_WEBAUTH_ID))
+
+        async def pw_bank_page() -> str:
+            link, _ = (await d.first(POWENS_WEBAUTH_ID)).link("Continue to your bank")
+            return link
+
+        async def pw_denied() -> str:
+            return await d.at(await d.powens_bank(await d.first(POWENS_WEBAUTH_ID), "Deny"))
+
+        async def pw_wrongpass_limit() -> str:
+            page = await d.powens("wrongpass")
+            for _ in range(2):
+                page = await d.driver.submit(page, {"Customer number": "wrongpass", "Password": "x"},
+                                             button="Continue")
+            return await d.at(page)
+
+        def pw_error(login: str) -> Callable[[], Awaitable[str]]:
+            async def make() -> str:
+                return await d.at(await d.powens(login))
+            return make
+
+        async def pw_reconnect_sign_in() -> str:
+            assert d.powens_api is not None
+            external_id, connection_id = await d.linked_powens("alice")
+            d.powens_api.set_state(connection_id, "wrongpass")
+            account = next(a for a in demo.site.linked if a.external_id == external_id)
+            page = await d.first(POWENS_CREDENTIALS_ID, kind="reauthorisation", externalId=external_id,
+                                 bankaccount=account.bank_account_id)
+            return await d.at(page)
+
+        powens = [
+            Shot("powens-sign-in", pw_sign_in),
+            Shot("powens-sign-in-empty", pw_sign_in_empty),
+            Shot("powens-sign-in-refused", pw_sign_in_refused),
+            Shot("powens-code", pw_code),
+            Shot("powens-code-wrong", pw_code_wrong),
+            Shot("powens-waiting", pw_waiting),
+            Shot("powens-waiting-bank", pw_waiting_bank),
+            Shot("powens-action-needed", pw_action_needed),
+            Shot("powens-password-expired", pw_password_expired),
+            Shot("powens-accounts", pw_accounts),
+            Shot("powens-accounts-add-more", pw_accounts_more),
+            Shot("powens-webauth-redirect", pw_webauth),
+            Shot("powens-bank-page", pw_bank_page),
+            Shot("powens-reconnect-sign-in-again", pw_reconnect_sign_in),
+            Shot("error-powens-denied", pw_denied),
+            Shot("error-powens-wrongpass-limit", pw_wrongpass_limit),
+            Shot("error-powens-rate-limiting", pw_error("ratelimiting")),
+            Shot("error-powens-unavailable", pw_error("unavailable")),
+            Shot("error-powens-unknown-state", pw_error("weird")),
+        ] if d.powens_api is not None else []
+
         security = demo.connector.settings.security
         return [
             Shot("product-home", product_home),
@@ -274,6 +417,7 @@ class States:
             Shot("connectpay-business-code", baas_code),
             Shot("connectpay-business-code-wrong", baas_code_wrong),
             Shot("connectpay-business-accounts", baas_accounts),
+            *powens,
             Shot("error-locked", locked),
             Shot("error-bank-down", down),
             Shot("error-cancelled", cancelled),
@@ -295,7 +439,7 @@ class States:
 async def capture(out: Path, only: str | None, chromium: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    async with Demo(quiet=True, feed=False) as demo, aiohttp.ClientSession() as http, async_playwright() as pw:
+    async with Demo(quiet=True, feed=False, stacks=SHOT_STACKS) as demo, aiohttp.ClientSession() as http, async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
         pages = {}
         for width in WIDTHS:

@@ -208,6 +208,10 @@ FEED = Section(
         Key("enabled", "bool", "Run the feed inside `connector serve`.", default=True),
         Key("interval_seconds", "int", "Time between two feed runs.", default=300, minimum=1, maximum=86400),
         Key("parallel_accounts", "int", "Accounts fed at once.", default=8, minimum=1, maximum=256),
+        Key("lease_seconds", "int",
+            "Lifetime of the feed lease (one process feeds at a time); its holder renews it every third of this. "
+            "If the holder dies, another instance takes over within this time.",
+            default=60, minimum=2, maximum=3600),
     ),
 )
 

@@ -110,6 +110,7 @@ class FeedOptions:
             "statement_timeout": float(settings.sage["statement_timeout_seconds"]),
             "parallel_accounts": int(settings.feed["parallel_accounts"]),
             "interval": float(settings.feed["interval_seconds"]),
+            "lease_ttl": float(settings.feed["lease_seconds"]),
         }
         values.update(overrides)
         return cls(**values)

@@ -56,12 +56,11 @@ class AccountSteps:
         ]
         st["phase"], st["offered"] = "choose", [a.provider_account_id for a in accounts]
         more = more and options.offer_more_sources
-        intro = "Choose the accounts to share with Sage."
-        if more:
-            intro += (
-                f" Some accounts at {st['bank_name']} (for example savings) need a separate sign-in: select "
-                "Add more accounts to add them."
-            )
+        # The heading already says "Choose the accounts to share with Sage": the intro only adds what is new.
+        intro = (
+            "Some accounts, such as savings, need a separate sign-in. To add them, select Add more accounts."
+            if more else None
+        )
         if not accounts and error is None:
             error = "Your bank didn't share any account yet."
         return ChooseAccounts(

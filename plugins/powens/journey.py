@@ -472,7 +472,11 @@ class Journey:
             if st.get("phase") != "validating" or "wait_until" not in st:
                 st["wait_until"] = self._clock() + VALIDATING_SECONDS
             st["phase"] = "validating"
-            return Wait(title="Waiting for your bank", message="Waiting for your bank's confirmation…", poll_seconds=2)
+            return Wait(
+                title="Waiting for your bank",
+                message="Your bank is confirming your approval. This usually takes a few seconds.",
+                poll_seconds=2,
+            )
         if key != "decoupled":
             st["resume_sent"] = False
         st["rounds"] = int(st.get("rounds") or 0) + 1
@@ -491,7 +495,7 @@ class Journey:
             st["phase"], st["resume_sent"] = "decoupled", False
             return Wait(
                 title="Approve in your bank's app",
-                message="Open your bank's app and approve the request, then select Continue.",
+                message="Open your bank's app and approve the request.",
                 poll_seconds=3,
             )
         if key == "scarequired":

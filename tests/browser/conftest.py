@@ -28,7 +28,14 @@ pytest.importorskip("axe_playwright_python", reason="pip install -e '.[test]'")
 from harness import CHROMIUM, LAUNCH_ARGS, Person, SageSite, new_person
 from playwright.async_api import Browser, async_playwright
 
-from connector.demo import DemoBank, ProviderStack, StackFactory, connectpay_stack, demobank_stack, powens_stack
+from connector.demo import (
+    DemoBank,
+    ProviderStack,
+    StackFactory,
+    connectpay_stack,
+    demobank_stack,
+    powens_stack,
+)
 from connector.plugins import Plugins
 from connector.testing.connector import (
     RunningConnector,
@@ -162,3 +169,12 @@ async def person(chromium: Browser, site: SageSite) -> AsyncIterator[Person]:
     await context.close()
     if not someone.csp_expected:
         assert someone.csp_violations == [], someone.csp_violations
+
+
+@pytest_asyncio.fixture(loop_scope=LOOP)
+async def no_js(chromium: Browser, site: SageSite) -> AsyncIterator[Person]:
+    """A person whose browser runs no JavaScript at all (``person.check`` then checks a copy of each page)."""
+    someone, context = await new_person(chromium, site, java_script_enabled=False)
+    yield someone
+    await context.close()
+    assert someone.csp_violations == [], someone.csp_violations

@@ -160,6 +160,7 @@ class Person:
     checked_states: list[str] = field(default_factory=list)
     in_frame: bool = True
     csp_expected: bool = False  # a test that provokes a CSP violation on purpose sets this
+    scripts: bool = True  # False in a context with java_script_enabled=False (see :meth:`check`)
 
     @classmethod
     async def in_context(cls, context: BrowserContext, site: SageSite) -> Person:
@@ -307,6 +308,16 @@ class Person:
                 return info
         raise AssertionError(f"Tab never reached {name!r}; focus went through {seen}")
 
+    async def tab_to_checkbox(self, max_steps: int = 20) -> dict[str, Any]:
+        """Press Tab until a checkbox has focus (with a visible focus indicator)."""
+        for _ in range(max_steps):
+            await self.page.keyboard.press("Tab")
+            info = await self.focused()
+            if info and info["type"] == "checkbox":
+                assert info["outline"] or info["shadow"], info
+                return info
+        raise AssertionError("no checkbox reached")
+
     async def type(self, text: str) -> None:
         await self.page.keyboard.type(text)
 
@@ -316,7 +327,13 @@ class Person:
     # --- per-state checks ---
 
     async def check(self, state: str, *, reflow: bool = True) -> None:
-        """axe-core (WCAG 2.1 A/AA) on the page as it is now, one h1, and reflow at 320 CSS px and 200 % zoom."""
+        """axe-core (WCAG 2.1 A/AA) on the page as it is now, one h1, and reflow at 320 CSS px and 200 % zoom.
+
+        Without JavaScript nothing can be evaluated in the page (axe would wait for ever), so the page as the person
+        sees it is checked in a scripted tab of the same browser: :meth:`check_copy`."""
+        if not self.scripts:
+            await self.check_copy(state, reflow=reflow)
+            return
         frame = await self.frame()
         await frame.wait_for_load_state()
         violations = await axe_violations(frame)
@@ -326,6 +343,33 @@ class Person:
             for width in (320, 640):  # 640 CSS px: a 1280 px window at 200 % zoom
                 overflow = await self.overflow_at(width)
                 assert overflow is None, f"{state}: scrolls sideways at {width} CSS px ({overflow})"
+        self.checked_states.append(state)
+
+    async def check_copy(self, state: str, *, reflow: bool = True) -> None:
+        """:meth:`check` on a copy of the page as it is now: its DOM, served at its own URL (so styles load as they
+        do here) inside the Sage page or alone as here, in a new scripted context where our scripts are not fetched
+        and the connector never sees the request (checking cannot move the journey on)."""
+        frame = await self.frame()
+        await frame.wait_for_load_state()
+        url, markup = frame.url, await frame.content()
+        browser = self.page.context.browser
+        assert browser is not None
+        checker, context = await new_person(browser, self.site)
+        try:
+            async def serve(route: Any) -> None:
+                await route.fulfill(status=200, body=markup, content_type="text/html; charset=utf-8")
+
+            await context.route(lambda u: u == url, serve)
+            await context.route(re.compile(r"\.js(\?.*)?$"), lambda route: route.abort())
+            if self.in_frame:
+                await checker.open(url)
+            else:
+                checker.in_frame = False
+                await checker.page.goto(url)
+            assert await checker.heading() == await self.heading(), "the copy shows another page"
+            await checker.check(state, reflow=reflow)
+        finally:
+            await context.close()
         self.checked_states.append(state)
 
     async def overflow_at(self, width: int) -> str | None:
@@ -355,7 +399,9 @@ class Person:
 
 async def new_person(browser: Browser, site: SageSite, **context_options: Any) -> tuple[Person, BrowserContext]:
     context = await browser.new_context(viewport=DESKTOP, **context_options)
-    return await Person.in_context(context, site), context
+    person = await Person.in_context(context, site)
+    person.scripts = context_options.get("java_script_enabled", True) is not False
+    return person, context
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 10.0,

@@ -68,7 +68,7 @@ async def test_psd2_deny_explains_and_links_nothing(person: Person, sage_calls, 
                                                     sage: SageEmulator, stacks) -> None:
     visit = await start(person, sage_calls, site, CONNECTPAY_PSD2_ID)
     await at_connectpay(person, stacks, "Deny")
-    await person.expect_error_page()
+    await person.expect_heading("You didn't allow access")
     assert "no accounts were shared" in await person.text()
     await person.check("ConnectPay: denied")
     await person.follow("Back to Sage")

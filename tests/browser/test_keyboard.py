@@ -65,7 +65,7 @@ async def test_demo_bank_with_code_by_keyboard(person: Person, sage_calls, site:
     await person.key("Space")
 
     frame = await person.expect_heading(ACCOUNTS)
-    box = await tab_to_checkbox(person)
+    box = await person.tab_to_checkbox()
     assert box["checked"]
     await person.key("Space")
     assert not (await person.focused())["checked"]
@@ -75,16 +75,6 @@ async def test_demo_bank_with_code_by_keyboard(person: Person, sage_calls, site:
     await person.key("Enter")
     await person.expect_linked(visit, sage)
     assert len(sage.patches) == 1
-
-
-async def tab_to_checkbox(person: Person, max_steps: int = 20) -> dict:
-    for _ in range(max_steps):
-        await person.key("Tab")
-        info = await person.focused()
-        if info and info["type"] == "checkbox":
-            assert info["outline"] or info["shadow"], info
-            return info
-    raise AssertionError("no checkbox reached")
 
 
 async def test_redirect_and_cancel_by_keyboard(person: Person, sage_calls, site: SageSite,
@@ -145,7 +135,7 @@ async def test_connectpay_business_by_keyboard(person: Person, sage_calls, site:
     await person.type(BAAS_OTP)
     await person.key("Enter")
     await person.expect_heading(ACCOUNTS)
-    await tab_to_checkbox(person)
+    await person.tab_to_checkbox()
     await person.tab_to("Share with Sage")
     await person.key("Enter")
     await person.expect_linked(visit, sage)

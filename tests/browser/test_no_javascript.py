@@ -1,26 +1,16 @@
 """With JavaScript off (a browser context with ``java_script_enabled=False``), the main paths still complete: the
-waiting page through its "Check now" button, errors shown in place, the bank's page through a plain link."""
+waiting page through its "Check now" button, errors shown in place, the bank's page through a plain link. (The
+``no_js`` person comes from ``conftest.py``.)"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest_asyncio
-from harness import Person, SageSite, announce_and_link, new_person
-from playwright.async_api import Browser, expect
+from harness import Person, SageSite, announce_and_link
+from playwright.async_api import expect
 
 from connector.demo import CONNECTPAY_PSD2_ID, DEMO_BANK_ID
 from connector.testing.sage import SageEmulator
 
 ACCOUNTS = "Choose the accounts to share with Sage"
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def no_js(chromium: Browser, site: SageSite) -> AsyncIterator[Person]:
-    someone, context = await new_person(chromium, site, java_script_enabled=False)
-    yield someone
-    await context.close()
-    assert someone.csp_violations == []
 
 
 async def test_demo_bank_waiting_page_with_check_now(no_js: Person, sage_calls, site: SageSite,

@@ -8,12 +8,10 @@ PATCH. The login typed scripts what the emulated bank does (``connector.testing.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
-import pytest_asyncio
 from conftest import POWENS_TWO_SOURCES_ID
-from harness import Person, SageSite, Visit, announce_and_link, new_person
-from playwright.async_api import Browser, expect
+from harness import Person, SageSite, Visit, announce_and_link
+from playwright.async_api import expect
 
 from connector.demo import POWENS_CREDENTIALS_ID, POWENS_WEBAUTH_ID, ProviderStack
 from connector.testing.powens import PowensEmulator
@@ -170,6 +168,34 @@ async def test_action_needed_then_check_again(person: Person, sage_calls, site: 
     await person.expect_linked(visit, sage)
 
 
+async def test_password_expired_asks_for_the_new_password(person: Person, sage_calls, site: SageSite,
+                                                          sage: SageEmulator, stacks) -> None:
+    visit = await start(person, sage_calls, site)
+    await sign_in(person, "passwordexpired")
+    await person.expect_heading("Change your password")
+    await person.check("Powens: password expired")
+    await person.fill("New password", "n3w pass")
+    await person.press("Continue")
+    await tick(person, "Business card")
+    await person.press("Share with Sage")
+    await person.expect_linked(visit, sage)
+    assert powens(stacks).received_fields[-1] == {"new_password": "n3w pass"}
+
+
+async def test_cancel_deletes_the_temporary_user_and_returns_to_sage(person: Person, sage_calls, site: SageSite,
+                                                                     sage: SageEmulator, stacks) -> None:
+    visit = await start(person, sage_calls, site)
+    await sign_in(person, "otp")
+    await person.expect_heading("Your bank needs more information")
+    await person.press("Cancel and go back to Sage")
+    await person.expect_heading("You cancelled connecting your bank")
+    await person.check("Powens: cancelled")
+    await person.follow("Back to Sage")
+    await person.expect_back_at_sage(visit.redirect_uri, visit.state)
+    assert sage.patches == [] and powens(stacks).connections == {}
+    assert all(u.deleted for u in powens(stacks).users.values())
+
+
 async def test_states_that_cannot_be_fixed_here_end_on_a_clear_page(person: Person, sage_calls, site: SageSite,
                                                                     sage: SageEmulator) -> None:
     for login, words in (("ratelimiting", "Your bank is busy right now"),
@@ -295,8 +321,8 @@ async def test_every_reauthorisation_of_a_credentials_connection(person: Person,
             await person.check("Powens: reconnect, webauth interstitial")
             await at_bank(person, stacks, CREDENTIALS)
         elif broken == "wrongpass":
-            frame = await person.expect_heading(f"Sign in to {CREDENTIALS} again")
-            await person.expect_error_announced("Your bank didn't accept these details", focused=False)
+            await person.expect_heading(f"Sign in to {CREDENTIALS} again")
+            await person.expect_error_announced("Your bank didn't accept these details")
             await person.check("Powens: reconnect, sign in again")
             await person.fill("Customer number", "alice")
             await person.fill("Password", "n3w pass")
@@ -359,27 +385,13 @@ async def test_credentials_and_code_by_keyboard(person: Person, sage_calls, site
     await person.key("Space")
 
     await person.expect_heading(ACCOUNTS)
-    for _ in range(20):  # to the first checkbox, then tick it with Space
-        await person.key("Tab")
-        info = await person.focused()
-        if info and info["type"] == "checkbox":
-            assert info["outline"] or info["shadow"], info
-            break
-    assert not (await person.focused())["checked"]
+    assert not (await person.tab_to_checkbox())["checked"]  # nothing ticked for the person
     await person.key("Space")
     assert (await person.focused())["checked"]
     await person.tab_to("Share with Sage")
     await person.key("Enter")
     patch = await person.expect_linked(visit, sage)
     assert len(shared(patch)) == 1
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def no_js(chromium: Browser, site: SageSite) -> AsyncIterator[Person]:
-    someone, context = await new_person(chromium, site, java_script_enabled=False)
-    yield someone
-    await context.close()
-    assert someone.csp_violations == []
 
 
 async def test_decoupled_without_javascript_by_check_now(no_js: Person, sage_calls, site: SageSite,
