@@ -191,9 +191,10 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
                    CoreServices(settings.public_url, n))
             for n, cls in enabled.items()
         }
-        app.ctx.journeys = Journeys(settings, app.ctx.providers, app.ctx.box, app.ctx.sage)
-        # The statement feed: woken early when Sage links or deletes a bank account.
+        # The statement feed: woken early when Sage links or deletes a bank account, or a consent is repaired.
         app.ctx.feed = Feed(settings, app.ctx.providers, app.ctx.box, app.ctx.sage, metrics=app.ctx.metrics)
+        app.ctx.journeys = Journeys(settings, app.ctx.providers, app.ctx.box, app.ctx.sage,
+                                    on_consent_restored=app.ctx.feed.wake)
         app.ctx.inbox = Inbox(settings, app.ctx.providers, app.ctx.box, on_account_change=app.ctx.feed.wake)
         await app.ctx.inbox.process_pending()
 

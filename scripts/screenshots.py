@@ -157,7 +157,8 @@ class States:
         assert done.left_to, done.text[:300]
         async with self.http.get(done.left_to) as resp:
             assert resp.status == 200
-        account = next(a for a in self.demo.site.linked if a.external_id not in self.used)
+        account = next(a for a in self.demo.site.linked
+                       if a.bank.sage_bank_id == POWENS_CREDENTIALS_ID and a.external_id not in self.used)
         self.used.add(account.external_id)
         return account.external_id, max(self.powens_api.connections)
 

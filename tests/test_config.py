@@ -145,7 +145,7 @@ def test_valid_config_has_no_problems_and_fills_defaults() -> None:
     assert settings.sage["client_secret"] == "client-secret-value"
     assert settings.sage["notification_header"] == {"name": "X-Connector-Key", "value": "n" * 43}
     assert settings.server["workers"] == 1
-    assert settings.feed == {"enabled": True, "interval_seconds": 300, "parallel_accounts": 8}
+    assert settings.feed == {"enabled": True, "interval_seconds": 300, "parallel_accounts": 8, "lease_seconds": 60}
     assert settings.security["authorisation_ttl_seconds"] == 1200
     assert [b.sage_bank_id for b in settings.banks] == [DEMO_BANK_ID]
     assert all_problems(BASE) == {}

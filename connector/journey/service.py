@@ -10,7 +10,7 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
@@ -77,8 +77,10 @@ class Journeys:
         sage: AuthorisationPatcher,
         *,
         clock: Callable[[], datetime] = _utcnow,
+        on_consent_restored: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_consent_restored = on_consent_restored
         self.providers = providers
         self.box = box
         self.sage = sage
@@ -157,7 +159,7 @@ class Journeys:
                 updated_at=now,
                 expires_at=now + self.ttl,
             )
-        log.info("journey started", extra={"journey": journey.handle[:8], "kind": kind.value,
+        log.info("journey started", extra={"journey": _ref(journey.handle), "kind": kind.value,
                                            "provider": bank.provider})
         flow = await self._flow(journey, {}, client_ip)
         result = await self._call(self.providers[bank.provider].start(flow))
@@ -298,7 +300,7 @@ class Journeys:
             return await self._finish(journey, flow, result)
         if isinstance(result, Failed):
             err = result.error
-            log.info("journey failed at the provider", extra={"journey": journey.handle[:8], "code": err.code})
+            log.info("journey failed at the provider", extra={"journey": _ref(journey.handle), "code": err.code})
             code = "declined" if isinstance(err, Declined) else err.code
             await self._save_page(journey, error_page(code, message=err.message, detail=err.detail),
                                   status="failed", flow=flow)
@@ -334,7 +336,7 @@ class Journeys:
             return Next(self.page_url(journey.handle))
         await models.Consent.filter(id=consent.id).update(status="active")
         await self._save_page(journey, error_page("done"), status="done", flow=flow)
-        log.info("onboarding linked", extra={"journey": journey.handle[:8], "accounts": len(rows)})
+        log.info("onboarding linked", extra={"journey": _ref(journey.handle), "accounts": len(rows)})
         return Next(back)
 
     async def _finish_refresh(self, journey: models.Journey, flow: Flow, grant: Any, back: str) -> Next:
@@ -363,7 +365,9 @@ class Journeys:
             account__consent_id=consent.id, feed_state="auth_required", deleted_at__isnull=True
         ).update(feed_state="live", feed_reason="")
         await self._save_page(journey, error_page("done"), status="done", flow=flow)
-        log.info("re-authorisation done", extra={"journey": journey.handle[:8]})
+        log.info("re-authorisation done", extra={"journey": _ref(journey.handle)})
+        if self.on_consent_restored:
+            await self.on_consent_restored()  # catch up on what the feed missed while the consent was lost
         return Next(back)
 
     async def _flow(self, journey: models.Journey, state: dict[str, Any], client_ip: str) -> Flow:
@@ -383,7 +387,7 @@ class Journeys:
             return value
 
         return Flow(
-            journey_id=hashlib.sha256(journey.handle.encode()).hexdigest()[:16],
+            journey_id=_ref(journey.handle),
             kind=JourneyKind(journey.kind),
             bank=bank.info(),
             state=state,
@@ -399,7 +403,7 @@ class Journeys:
         try:
             return self.box.open_json(journey.flow_state_sealed, f"journey.flow_state_sealed:{journey.handle}")
         except SecretError:
-            log.error("journey state could not be decrypted", extra={"journey": journey.handle[:8]})
+            log.error("journey state could not be decrypted", extra={"journey": _ref(journey.handle)})
             raise PageError("internal_error", back_url=self.back_url(journey)) from None
 
     async def _save_page(self, journey: models.Journey, page: Page, *, status: str | None = None,
@@ -437,6 +441,11 @@ class Journeys:
             await models.FailedLookup.filter(id=row.id).update(count=F("count") + 1)
         except BaseORMException:
             log.warning("could not count a failed lookup")
+
+
+def _ref(handle: str) -> str:
+    """A journey reference for logs: the handle itself is a bearer secret and never logged."""
+    return hashlib.sha256(handle.encode()).hexdigest()[:16]
 
 
 def _single(query: Mapping[str, Sequence[str]], name: str) -> str | None:
