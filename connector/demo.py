@@ -54,6 +54,7 @@ CONNECTPAY_BAAS_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c02"
 CONNECTPAY_ANY_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c03"
 POWENS_CREDENTIALS_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c11"
 POWENS_WEBAUTH_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c12"
+POWENS_TWO_SOURCES_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c13"
 BAAS_OTP = "123456"
 REDIRECT_PATH = "/api/v1/indirectredirect/"
 
@@ -140,6 +141,7 @@ async def powens_stack(folder: Path) -> ProviderStack | None:
     try:
         from connector.testing.powens import (
             CREDENTIALS_BANK,
+            TWO_SOURCE_BANK,
             WEBAUTH_BANK,
             PowensEmulator,
         )
@@ -160,8 +162,14 @@ async def powens_stack(folder: Path) -> ProviderStack | None:
         DemoBank(POWENS_WEBAUTH_ID, "Webauth Bank (Powens)", "powens", provider_bank=WEBAUTH_BANK, hints=(
             ("The bank's page", "opens full window: Allow"),
         )),
+        DemoBank(POWENS_TWO_SOURCES_ID, "Two Source Bank (Powens)", "powens", provider_bank=TWO_SOURCE_BANK, hints=(
+            ("First source", "any customer number and password; then \"Add more accounts\" opens the bank's page"),
+        )),
     ]
-    return ProviderStack("powens", emulator.config(), banks, emulator, close=emulator.close)
+    config = emulator.config()
+    # The emulator has no request budget to respect: a person clicking through must never wait for the limiter.
+    config.update(requests_per_minute=100_000, sync_timeout_seconds=5, timeout_seconds=5)
+    return ProviderStack("powens", config, banks, emulator, close=emulator.close)
 
 
 StackFactory = Callable[[Path], Awaitable[ProviderStack | None]]

@@ -65,6 +65,8 @@ def parse_envelope(body: Any) -> tuple[str, str, str, Mapping[str, Any]]:
         raise EnvelopeError("resource.id must be a string of 1 to 64 characters")
     if not isinstance(rtype, str) or not 0 < len(rtype) <= 64:
         raise EnvelopeError("resource.type must be a non-empty string")
+    if _holds_nul(body):
+        raise EnvelopeError("strings must not contain U+0000")
     extra = body.get("additionalData", {})
     if extra is None:
         extra = {}
@@ -90,6 +92,22 @@ def parse_envelope(body: Any) -> tuple[str, str, str, Mapping[str, Any]]:
         except ValueError:
             raise EnvelopeError("additionalData.requestedStartDate must be an ISO 8601 date-time") from None
     return kind, rtype, rid, extra
+
+
+def _holds_nul(body: Any) -> bool:
+    """A NUL character anywhere in the body, keys included (PostgreSQL can store none of them)."""
+    stack = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class Inbox:

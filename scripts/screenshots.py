@@ -33,39 +33,17 @@ from connector.demo import (
     CONNECTPAY_PSD2_ID,
     DEMO_BANK_ID,
     POWENS_CREDENTIALS_ID,
+    POWENS_TWO_SOURCES_ID,
     POWENS_WEBAUTH_ID,
     REDIRECT_PATH,
     STACKS,
     Demo,
-    DemoBank,
-    ProviderStack,
-    powens_stack,
 )
 from connector.testing.driver import Driver, Page
 
 WIDTHS = (1280, 320)
-POWENS_TWO_SOURCES_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c13"  # as in tests/browser/conftest.py
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
-
-
-async def powens_shots_stack(folder: Path) -> ProviderStack | None:
-    """The demo's Powens, plus the two-source bank (for "Add more accounts"), without the 30-a-minute request
-    budget (dozens of states in a row would wait for the limiter)."""
-    stack = await powens_stack(folder)
-    if stack is None:
-        return None
-    from connector.testing.powens import TWO_SOURCE_BANK
-
-    stack.config.update(requests_per_minute=100_000)
-    stack.banks.append(DemoBank(POWENS_TWO_SOURCES_ID, "Two Source Bank (Powens)", "powens",
-                                provider_bank=TWO_SOURCE_BANK, hints=(
-                                    ("Customer number", "alice, then Add more accounts for the savings (webauth)"),
-                                )))
-    return stack
-
-
-SHOT_STACKS = tuple(powens_shots_stack if factory is powens_stack else factory for factory in STACKS)
 
 
 @dataclass
@@ -440,7 +418,7 @@ class States:
 async def capture(out: Path, only: str | None, chromium: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    async with Demo(quiet=True, feed=False, stacks=SHOT_STACKS) as demo, aiohttp.ClientSession() as http, async_playwright() as pw:
+    async with Demo(quiet=True, feed=False, stacks=STACKS) as demo, aiohttp.ClientSession() as http, async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
         pages = {}
         for width in WIDTHS:

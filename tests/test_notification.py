@@ -392,6 +392,22 @@ async def test_authorisation_for_an_unconfigured_bank_is_stored_and_auth_refused
     page.link("Back to Sage")
 
 
+async def test_a_nul_character_gets_400_on_every_database_and_spoils_no_neighbour(sage_calls):
+    # PostgreSQL can store no U+0000 in text or JSON: refused up front, the same on SQLite, and a notification
+    # written in the same group commit is stored all the same.
+    before = await snapshot()
+    bad = [authorisation() | {"additionalData": {"bankId": DEMO_BANK_ID, "note": "a\u0000b"}},
+           {"type": "resourceCreated", "resource": {"id": "a\u0000b", "type": "somethingNew", "url": "NA"}},
+           {"type": "resourceCreated", "resource": {"id": "x", "type": "somethingNew", "url": "NA"},
+            "additionalData": {"\u0000": 1}}]
+    good = authorisation()
+    results = await asyncio.gather(*(post(sage_calls, body) for body in [*bad, good]))
+    assert [(s, b["error"]) for s, b, _ in results[:-1]] == [(400, "invalid_request")] * len(bad)
+    assert results[-1][:2] == (200, {"status": "accepted"})
+    assert await models.Authorisation.exists(id=good["resource"]["id"])
+    assert len((await snapshot())["notifications"]) == len(before["notifications"]) + 1
+
+
 async def test_the_same_notification_five_times_concurrently_gives_one_row(sage_calls):
     body = authorisation()
     results = await asyncio.gather(*(post(sage_calls, body) for _ in range(5)))

@@ -25,7 +25,7 @@ from connector.journey import consents
 from connector.journey.pages import Page, check_form, chosen_accounts, error_page, page_of, with_errors
 from connector.security.crypto import SecretBox, SecretError
 from connector.security.redirects import compose_redirect, redirect_allowed, state_valid
-from connector.storage import models
+from connector.storage import models, storable
 from connector.types import (
     Declined,
     ChooseAccounts,
@@ -169,7 +169,7 @@ class Journeys:
         self, external_id: str, bank_account_id: str | None, bank_id: str, back: str
     ) -> models.Consent:
         account = await models.Account.get_or_none(external_id=external_id).prefetch_related("consent") \
-            if len(external_id) <= 36 else None  # longer than any externalId we issue (and than the column)
+            if len(external_id) <= 36 and storable(external_id) else None  # longer than any we issue (and the column)
         if account is None or account.consent.status in ("revoked", "pending"):
             raise PageError("account_mismatch", back_url=back)
         if account.consent.sage_bank_id != bank_id:
@@ -183,7 +183,8 @@ class Journeys:
     # --- Walking the journey ---------------------------------------------------------------------------------
 
     async def load(self, handle: str, client_ip: str | None = None) -> tuple[models.Journey, Page]:
-        journey = await models.Journey.get_or_none(handle=handle) if 0 < len(handle) <= 64 else None
+        journey = await models.Journey.get_or_none(handle=handle) if 0 < len(handle) <= 64 and storable(handle) \
+            else None
         if journey is None:
             if client_ip is not None:
                 await self._guessed(client_ip)
@@ -245,7 +246,7 @@ class Journeys:
     async def callback(self, provider: str, query: Mapping[str, Sequence[str]], client_ip: str) -> Next:
         """The provider sent the person back: match ``state`` (single use, this provider only) to its journey."""
         state = _single(query, "state")
-        if not state or len(state) > 64:
+        if not state or len(state) > 64 or not storable(state):
             await self._guessed(client_ip)
             raise PageError("journey_not_found")
         now = self.clock()

@@ -18,7 +18,8 @@ _STATE = re.compile(r"^[A-Za-z0-9\-._~]{1,512}$")
 
 
 def redirect_allowed(uri: str, hosts: Sequence[str], *, allow_loopback: bool = False) -> bool:
-    if not uri or len(uri) > 2048 or any(c in uri for c in "\\\r\n\t ") or not uri.isascii():
+    if not uri or len(uri) > 2048 or any(c in uri for c in "\\ ") or not uri.isascii() \
+            or any(ord(c) < 0x20 or c == "\x7f" for c in uri):  # control characters (NUL, CR, LF, tab, ...)
         return False
     try:
         parts = urlsplit(uri)

@@ -28,6 +28,12 @@ TORTOISE_ORM = tortoise_config("sqlite://:memory:")
 MIGRATION_LOCK = 0x5A6E_C0DE
 
 
+def storable(value: str) -> bool:
+    """Whether a text value can be stored or looked up on every database: PostgreSQL text and JSON cannot hold U+0000
+    (the query fails), so a value carrying it is refused or treated as unknown before it reaches the database."""
+    return "\x00" not in value
+
+
 async def open_database(url: str, *, migrate: bool = True) -> None:
     """Connect Tortoise (on SQLite, create the file's folder) and, unless told not to, apply pending migrations."""
     if url.startswith("sqlite://") and not url.startswith("sqlite://:memory:"):
@@ -50,14 +56,19 @@ async def apply_migrations(url: str) -> list[str]:
         if event == "apply_done":
             applied.append(f"{app}.{name}")
 
-    postgres = url.startswith(("postgres://", "postgresql://", "asyncpg://"))
-    if postgres:
-        await connection.execute_query("SELECT pg_advisory_lock($1)", [MIGRATION_LOCK])
-    try:
+    if not url.startswith(("postgres://", "postgresql://", "asyncpg://")):
         await executor.migrate(progress=progress)
-    finally:
-        if postgres:
-            await connection.execute_query("SELECT pg_advisory_unlock($1)", [MIGRATION_LOCK])
+        return applied
+    if getattr(connection, "pool_maxsize", 2) < 2:
+        raise ValueError("database.url: maxsize must be at least 2 (one connection holds the migration lock)")
+    # The lock lives on one connection held for the whole migration: a connection going back to asyncpg's pool is
+    # reset, which releases its advisory locks, so taking the lock through execute_query would release it at once.
+    async with connection.acquire_connection() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await executor.migrate(progress=progress)
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     return applied
 
 

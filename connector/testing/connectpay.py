@@ -531,6 +531,33 @@ class ConnectPayEmulator:
         for grant in self._grants:
             grant.revoked = True
 
+    def expire_grants(self) -> None:
+        """As if every consent lapsed at ConnectPay: access and refresh tokens expire now (by the emulator's clock),
+        so data reads answer 401 and a refresh ``invalid_grant``. A new authorisation issues fresh ones."""
+        now = self.clock.now()
+        for grant in self._grants:
+            grant.access_expires = min(grant.access_expires, now)
+            grant.refresh_expires = min(grant.refresh_expires, now)
+
+    def book(self, resource_id: str, tx_id: str, amount: str, *, booking: dt.date | None = None,
+             currency: str | None = None, text: str = "Payment", counterparty: str | None = None) -> dict[str, Any]:
+        """A new booked entry on an account (today by default), and its balances moved with it: an interim balance
+        takes the amount; a ``closingBooked`` one only when the entry is not after its reference date."""
+        account = self.accounts[resource_id]
+        booking = booking or self.clock.now().date()
+        currency = currency or (account.balances[0]["balanceAmount"]["currency"] if account.currency == "XXX"
+                                else account.currency)
+        made = entry(tx_id, booking, amount, currency, text=text, counterparty=counterparty)
+        account.booked.append(made)
+        for bal in account.balances:
+            money = bal["balanceAmount"]
+            if money["currency"] != currency:
+                continue
+            if bal["balanceType"] == "closingBooked" and booking.isoformat() > bal["referenceDate"]:
+                continue
+            money["amount"] = str(Decimal(money["amount"]) + Decimal(amount))
+        return made
+
     def active_grants(self) -> list[_Grant]:
         now = self.clock.now()
         return [g for g in self._grants if not g.revoked and g.refresh_expires > now]

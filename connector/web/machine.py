@@ -21,7 +21,7 @@ from connector.tasks import spawn
 from connector.inbox import EnvelopeError
 from connector.journey import consents
 from connector.security.tokens import TokenError, www_authenticate
-from connector.storage import models
+from connector.storage import models, storable
 from connector.types import ProviderError, WebhookRequest
 from connector.web import apidoc, journey
 
@@ -117,7 +117,7 @@ async def available_accounts(request: Request) -> HTTPResponse:
         raise ApiError("invalid_request", "externalId is required, once.")
     # Longer than any externalId we issue: unknown (and too long for the column's filter validation).
     account = await models.Account.get_or_none(external_id=values[0]).prefetch_related("consent") \
-        if len(values[0]) <= EXTERNAL_ID_MAX else None
+        if len(values[0]) <= EXTERNAL_ID_MAX and storable(values[0]) else None
     if account is None or account.consent.status in ("revoked", "pending") or not account.consent.secrets_sealed:
         raise ApiError("unknown_external_id")
     ctx = request.app.ctx

@@ -5,10 +5,10 @@ running the provider stacks of ``connector.demo`` listed in ``BROWSER_STACKS``.
 Every browser test runs in one session-wide event loop so that one Chromium serves them all; each test still gets
 its own Sage stand-in, provider emulators, connector (fresh SQLite) and browser context.
 
-To add a provider's browser flows (Powens, for instance): give ``connector/demo.py`` a ``<name>_stack`` (emulator,
-config, banks), add it to ``BROWSER_STACKS`` below, and walk its pages with :class:`harness.Person` the way
-``test_connectpay.py`` does (``announce_and_link`` → ``person.open`` → labels and button names → ``person.check``
-on every state → ``expect_back_at_sage``).
+To add a provider's browser flows: give ``connector/demo.py`` a ``<name>_stack`` (emulator, config, banks), add it
+to ``BROWSER_STACKS`` below, and walk its pages with :class:`harness.Person` the way ``test_connectpay.py`` and
+``test_powens.py`` do (``announce_and_link`` → ``person.open`` → labels and button names → ``person.check`` on every
+state → ``expect_linked`` or ``expect_back_at_sage``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from harness import CHROMIUM, LAUNCH_ARGS, Person, SageSite, new_person
 from playwright.async_api import Browser, async_playwright
 
 from connector.demo import (
-    DemoBank,
     ProviderStack,
     StackFactory,
     connectpay_stack,
@@ -48,24 +47,7 @@ from connector.testing.fixtures import SageCalls
 from connector.testing.sage import SageEmulator
 
 #: Sage's id for the Powens bank with two sources (credentials, then webauth), which only the browser tests add.
-POWENS_TWO_SOURCES_ID = "6f1d2c3b-0a9e-4c8d-9b7a-1e2f3a4b5c13"
-
-
-async def powens_browser_stack(folder: Path) -> ProviderStack | None:
-    """:func:`connector.demo.powens_stack`, plus the two-source bank, and without the production request budget (30
-    a minute would make a test wait for the limiter; the HTTP end-to-end tests lift it the same way)."""
-    stack = await powens_stack(folder)
-    if stack is None:
-        return None
-    from connector.testing.powens import TWO_SOURCE_BANK
-
-    stack.config.update(requests_per_minute=100_000, sync_timeout_seconds=5, timeout_seconds=5)
-    stack.banks.append(DemoBank(POWENS_TWO_SOURCES_ID, "Two Source Bank (Powens)", "powens",
-                                provider_bank=TWO_SOURCE_BANK))
-    return stack
-
-
-BROWSER_STACKS: tuple[StackFactory, ...] = (demobank_stack, connectpay_stack, powens_browser_stack)
+BROWSER_STACKS: tuple[StackFactory, ...] = (demobank_stack, connectpay_stack, powens_stack)
 LOOP = "session"
 HERE = Path(__file__).resolve().parent
 

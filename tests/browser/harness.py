@@ -295,6 +295,7 @@ class Person:
     async def tab_to(self, name: str, *, backwards: bool = False, max_steps: int = 25) -> dict[str, Any]:
         """Press Tab (or Shift+Tab) until the element with this accessible name has focus; every stop on our page
         must show a visible focus indicator."""
+        await (await self.frame()).wait_for_load_state()  # the stylesheet (and its focus ring) is in
         seen = []
         for _ in range(max_steps):
             await self.page.keyboard.press("Shift+Tab" if backwards else "Tab")
@@ -310,6 +311,7 @@ class Person:
 
     async def tab_to_checkbox(self, max_steps: int = 20) -> dict[str, Any]:
         """Press Tab until a checkbox has focus (with a visible focus indicator)."""
+        await (await self.frame()).wait_for_load_state()
         for _ in range(max_steps):
             await self.page.keyboard.press("Tab")
             info = await self.focused()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import POWENS_TWO_SOURCES_ID
+from connector.demo import POWENS_TWO_SOURCES_ID
 from harness import Person, SageSite, Visit, announce_and_link
 from playwright.async_api import expect
 
