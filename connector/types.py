@@ -217,12 +217,16 @@ class ChooseAccounts:
     whose ``values["account"]`` lists the chosen ``provider_account_id``\\ s (checked by the core against this list).
 
     ``secondary_actions`` offers more, e.g. ``Choice("add_source", "Add accounts from another service")``.
+    ``selected`` keeps the person's ticks when the page comes back (after adding a source, say).
+
+    .. versionadded:: 1 ``selected``
     """
 
     accounts: Sequence[Account]
     title: str = "Choose the accounts to share with Sage"
     intro: str | None = None
     preselected: bool = True
+    selected: Sequence[str] | None = None  # ids ticked when the page opens; ``None``: all of them if preselected
     secondary_actions: Sequence[Choice] = ()
     error: str | None = None
 

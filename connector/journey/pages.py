@@ -69,6 +69,8 @@ def page_of(result: Form | Redirect | Wait | ChooseAccounts) -> Page:
         "secondary": _choices(result.secondary_actions),
         "accounts": [
             {"id": a.provider_account_id, "name": a.name, "hint": a.masked_identifier, "currency": a.currency,
+             "checked": (a.provider_account_id in result.selected) if result.selected is not None
+             else result.preselected,
              "balance": None if a.balance is None else f"{a.balance.amount:,.2f} {a.balance.currency}"}
             for a in result.accounts
         ],

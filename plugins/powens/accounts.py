@@ -67,6 +67,7 @@ class AccountSteps:
             accounts=accounts,
             intro=intro,
             preselected=False,
+            selected=[i for i in st.get("chosen") or () if i in st["offered"]],
             secondary_actions=(Choice(ACTION_ADD_SOURCE, "Add more accounts"),) if more else (),
             error=error,
         )

@@ -337,11 +337,14 @@ async def test_two_sources_in_sequence(sage, sage_calls, browser, powens_api):
                                 button="Continue")
     assert page.h1 == CHOOSE and page.has_button("Add more accounts")
     assert "Savings account" not in page.text
-    page = await browser.submit(page, button="Add more accounts")
+    first = [c.value for f in page.forms for c in f.controls if c.type == "checkbox"]
+    page = await browser.submit(page, {"account": first[:1]}, button="Add more accounts")
     bank = await to_bank(browser, page, powens_api)  # the second source is webauth: no form, straight on
     page = await browser.submit(bank, button="Allow")
     assert page.h1 == CHOOSE and not page.has_button("Add more accounts")
     assert "Savings account" in page.text and "Business current account" in page.text
+    ticked = [c.value for f in page.forms for c in f.controls if c.type == "checkbox" and c.checked]
+    assert ticked == first[:1]  # what the person ticked before adding a source is still ticked
     await share(browser, page, state)
     [patch] = sage.patches
     assert patch.authorisation_id == authorisation_id
