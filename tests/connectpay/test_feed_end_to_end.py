@@ -87,6 +87,8 @@ async def open_psd2(browser, sage_calls, **auth):
 
 
 async def link_all(sage, sage_calls, browser, bank: str, page, state: str) -> dict[str, tuple[str, str]]:
+    """Share every offered account, then Sage's bank-account-created notification for each (``requestedStartDate``
+    before every booked entry): accountIdentifier → (externalId, bankAccountId)."""
     assert page.h1 == CHOOSE, page.text
     back = await browser.submit(page, {"account": offered(page)}, button=SHARE)
     back_with_state(back, state)
@@ -115,15 +117,14 @@ def current_balance(cp: ConnectPayEmulator, resource_id: str, currency: str) -> 
     return amount
 
 
-async def feed_run_cli(connector, tmp_path) -> tuple[int, str]:
+async def feed_run_cli(connector, tmp_path) -> tuple[int | None, str, str]:
     """``connector feed run --once`` as an operator runs it, against the same database and Sage emulator."""
     config = write_config(tmp_path / "config.toml", settings_to_config(connector.settings, logging={"level": "ERROR"}))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "connector.cli", "feed", "run", "--once", "--config", str(config), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None, err.decode()
-    return proc.returncode, out.decode()
+    return proc.returncode, out.decode(), err.decode()
 
 
 def sent_to(sage, bank_account_id: str) -> list[dict]:
@@ -196,8 +197,8 @@ async def test_psd2_lost_consent_sends_one_auth_required_then_authrefresh_catche
     cp.expire_grants() if lapse == "expired" else cp.revoke_all()
     cp.book("LT-ACC-0001", "tx-new-1", "-42.00", text="Train tickets")
     cp.book("LT-ACC-0001", "tx-new-2", "310.00", text="Invoice 1003")
-    code, out = await feed_run_cli(connector, tmp_path)  # `feed run` exits 1 and names the account
-    assert code == 1, out
+    code, out, err = await feed_run_cli(connector, tmp_path)  # `feed run` exits 1 and names the account
+    assert code == 1, (out, err)
     [line] = [line for line in out.splitlines() if line.startswith(bank_account_id)]
     assert "auth_required" in line and "authRequired sent" in line, line
     notices = [s for s in sent_to(sage, bank_account_id)
