@@ -70,8 +70,12 @@ async def test_killed_while_polling_then_restarted(sage, sage_calls, browser, co
     ids = await link_accounts(browser, sage_calls, sage, "alice", bank_id=DEMO_BANK_ID, start="2020-01-01T00:00:00Z")
     sage.processing_polls = 10_000  # the first statement of each account stays in flight
     proc = await start_background("feed", "run", "--once", "--config", str(config_file))
-    await wait_for(lambda: _value({s["data"]["principalId"] for s in sage.statements} == set(ids)
-                                  and len(sage.requests_to("/v1/statements/", "GET")) >= 2), timeout=20)
+    async def both_in_flight() -> bool:
+        # Sage holds both statements and our side has stored both ids (the emulator answering is not enough).
+        return ({s["data"]["principalId"] for s in sage.statements} == set(ids)
+                and await models.FeedStatement.filter(status="accepted").count() == 2)
+
+    await wait_for(both_in_flight, timeout=20)
     await kill(proc)
     accepted = await models.FeedStatement.filter(status="accepted").count()
     assert accepted == 2  # the id Sage gave was stored before the process died
