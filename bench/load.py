@@ -114,6 +114,10 @@ class Run:
         return sum(r.failures for r in self.rows.values())
 
 
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def free_port() -> int:
     import socket
 
@@ -258,7 +262,9 @@ async def one_run(args: argparse.Namespace, workers: int, sage, plan_path: Path,
                                   env=env)
     base = f"http://127.0.0.1:{port}"
     try:
+        progress(f"connector serve --workers {workers} starting on a fresh database ({database})")
         await wait_ready(base, server, log)
+        progress(f"locust: {args.users} users for {args.run_time}")
         prefix = workdir / f"locust-{workers}"
         command = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve()), "--headless",
                    "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
@@ -281,8 +287,10 @@ async def one_run(args: argparse.Namespace, workers: int, sage, plan_path: Path,
             raise SystemExit(f"locust failed ({returncode}):\n{locust_log.read_text(errors='replace')[-3000:]}")
         run.rows = read_stats(prefix)
         run.failures = read_failures(prefix)
+        progress("counting the rows stored")
         run.stored_notifications, run.stored_journeys = await count_rows(url)
     finally:
+        progress("stopping the connector")
         stop(server)
         await drop_database(args.postgres, database)
     return run
@@ -342,6 +350,7 @@ async def main_async(args: argparse.Namespace) -> int:
     header_value = new_key() + new_key()
     runs: list[Run] = []
     async with SageEmulator(rate=None) as sage:
+        progress(f"minting {pool} tokens")
         t0 = time.perf_counter()
         tokens = [sage.identity.notification_token(jti=uuid.uuid4().hex) for _ in range(pool)]
         mint_seconds = time.perf_counter() - t0
