@@ -6,7 +6,8 @@ What runs:
 * the Sage emulator (Sage ID's JWKS) in this process, on loopback;
 * for each worker count, a fresh PostgreSQL database and ``connector serve --workers N`` on a throwaway config, in its
   own process (migrations applied at start, as in production);
-* locust, headless, in its own process (``--users``, ``--spawn-rate``, ``--run-time``, CSV stats). Each locust user
+* locust, headless, in its own process (``--users``, ``--spawn-rate``, ``--run-time``; CSV stats, and the final
+  figures from its ``--json-file``; users finish the task in hand when time is up). Each locust user
   loops without pause: a signed notification announcing a new authorisation id (custom header, an RS256 Sage ID token
   from a pool larger than the verifier's cache, so every request pays the RSA check), then the ``/auth`` page for that
   id, which counts only when it answers 200 with the bank's sign-in page.
@@ -23,17 +24,30 @@ Run (needs ``pip install -e '.[bench]'`` for locust, and a PostgreSQL server, ``
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import csv
+import json
 import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
-if os.environ.get("BENCH_LOAD_ROLE") == "locust":  # this file is also the locustfile
+if os.environ.get("BENCH_LOAD_ROLE") == "locust":  # this file is also the locustfile, imported by locust
     import itertools
-    import json as _json
-    import uuid as _uuid
     from urllib.parse import urlencode
 
     from locust import FastHttpUser, constant, task
 
-    _PLAN = _json.loads(open(os.environ["BENCH_LOAD_PLAN"], encoding="utf-8").read())
+    _PLAN = json.loads(Path(os.environ["BENCH_LOAD_PLAN"]).read_text(encoding="utf-8"))
     _TOKENS = itertools.cycle(_PLAN["tokens"])
 
     class SageAndBrowser(FastHttpUser):
@@ -43,10 +57,10 @@ if os.environ.get("BENCH_LOAD_ROLE") == "locust":  # this file is also the locus
 
         @task
         def notify_then_auth(self) -> None:
-            authorisation_id = str(_uuid.uuid4())
-            body = _json.dumps({"type": "resourceCreated",
-                                "resource": {"id": authorisation_id, "type": "authorisation", "url": "NA"},
-                                "additionalData": {"bankId": _PLAN["bank_id"]}})
+            authorisation_id = str(uuid.uuid4())
+            body = json.dumps({"type": "resourceCreated",
+                               "resource": {"id": authorisation_id, "type": "authorisation", "url": "NA"},
+                               "additionalData": {"bankId": _PLAN["bank_id"]}})
             headers = {"Authorization": f"Bearer {next(_TOKENS)}", "Content-Type": "application/json",
                        _PLAN["header_name"]: _PLAN["header_value"]}
             with self.client.post("/notification", data=body, headers=headers, name="POST /notification",
@@ -55,8 +69,8 @@ if os.environ.get("BENCH_LOAD_ROLE") == "locust":  # this file is also the locus
                     resp.failure(f"HTTP {resp.status_code}")
                     return
             query = urlencode({"bank": _PLAN["bank_id"], "authorisation_id": authorisation_id,
-                               "redirect_uri": f"{_PLAN['redirect_base']}{_uuid.uuid4()}",
-                               "state": _uuid.uuid4().hex})
+                               "redirect_uri": f"{_PLAN['redirect_base']}{uuid.uuid4()}",
+                               "state": uuid.uuid4().hex})
             with self.client.get(f"/auth?{query}", name="GET /auth", catch_response=True,
                                  allow_redirects=False) as resp:
                 if resp.status_code != 200:
@@ -64,22 +78,6 @@ if os.environ.get("BENCH_LOAD_ROLE") == "locust":  # this file is also the locus
                 elif "Sign in to Demo Bank" not in (resp.text or ""):
                     resp.failure("200 without the sign-in page")
 
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BANK_ID = "10aaeee6-4691-4443-8198-df39aaa8007c"
@@ -107,6 +105,8 @@ class Run:
     stored_notifications: int = 0
     stored_journeys: int = 0
     server_cpu: float = 0.0
+    loader_cpu: float = 0.0
+    machine_busy: float = 0.0  # share of all CPUs busy (server, locust, PostgreSQL, anything else)
     seconds: float = 0.0
 
     @property
@@ -133,6 +133,24 @@ def process_cpu(pid: int) -> float:
         return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (Linux /proc/stat)."""
+    try:
+        values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def tree_cpu(pid: int) -> float:
@@ -178,24 +196,6 @@ async def count_rows(url: str) -> tuple[int, int]:
         await conn.close()
 
 
-async def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"connector exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                async with http.get(f"{url}/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise SystemExit(f"connector not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
@@ -219,13 +219,35 @@ def seconds(run_time: str) -> float:
     return float(h * 3600 + m * 60 + s)
 
 
+def percentile(histogram: dict[int, int], total: int, fraction: float) -> float:
+    """Locust's own rule on its histogram of rounded response times (ms)."""
+    wanted = int(total * fraction)
+    seen = 0
+    for value in sorted(histogram, reverse=True):
+        seen += histogram[value]
+        if total - seen <= wanted:
+            return float(value)
+    return float("nan")
+
+
 def read_stats(prefix: Path) -> dict[str, Row]:
+    """Final figures from locust's ``--json-file`` (its CSV is written on a timer and may miss the last second)."""
+    entries = json.loads(Path(f"{prefix}.json").read_text(encoding="utf-8"))
     rows: dict[str, Row] = {}
-    with open(f"{prefix}_stats.csv", newline="", encoding="utf-8") as f:
-        for line in csv.DictReader(f):
-            name = line["Name"] if line["Name"] != "Aggregated" else "all"
-            rows[name] = Row(name, int(line["Request Count"]), int(line["Failure Count"]),
-                             float(line["Requests/s"]), float(line["50%"] or "nan"), float(line["99%"] or "nan"))
+    merged: dict[int, int] = {}
+    first, last = float("inf"), 0.0
+    for entry in entries:
+        histogram = {int(float(k)): int(v) for k, v in entry["response_times"].items()}
+        for k, v in histogram.items():
+            merged[k] = merged.get(k, 0) + v
+        count = int(entry["num_requests"])
+        span = max(float(entry["last_request_timestamp"]) - float(entry["start_time"]), 1e-9)
+        first, last = min(first, float(entry["start_time"])), max(last, float(entry["last_request_timestamp"]))
+        rows[entry["name"]] = Row(entry["name"], count, int(entry["num_failures"]), count / span,
+                                  percentile(histogram, count, 0.5), percentile(histogram, count, 0.99))
+    total = sum(r.requests for r in rows.values())
+    rows["all"] = Row("all", total, sum(r.failures for r in rows.values()), total / max(last - first, 1e-9),
+                      percentile(merged, total, 0.5), percentile(merged, total, 0.99))
     return rows
 
 
@@ -240,7 +262,11 @@ def read_failures(prefix: Path) -> list[str]:
 async def one_run(args: argparse.Namespace, workers: int, sage, plan_path: Path, workdir: Path,
                   header_value: str) -> Run:
     from connector.feed.testing import write_config
-    from connector.testing.connector import SageEndpoints, connector_config
+    from connector.testing.connector import (
+        SageEndpoints,
+        connector_config,
+        wait_until_ready,
+    )
 
     run = Run(workers)
     database = await create_database(args.postgres)
@@ -263,16 +289,16 @@ async def one_run(args: argparse.Namespace, workers: int, sage, plan_path: Path,
     base = f"http://127.0.0.1:{port}"
     try:
         progress(f"connector serve --workers {workers} starting on a fresh database ({database})")
-        await wait_ready(base, server, log)
+        await wait_until_ready(base, server.poll, log)
         progress(f"locust: {args.users} users for {args.run_time}")
         prefix = workdir / f"locust-{workers}"
         command = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve()), "--headless",
                    "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
-                   "--host", base, "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
-                   "--exit-code-on-error", "0"]
+                   "--host", base, "--csv", str(prefix), "--json-file", str(prefix), "--only-summary",
+                   "--stop-timeout", "10", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
         locust_env = {**env, "BENCH_LOAD_ROLE": "locust", "BENCH_LOAD_PLAN": str(plan_path)}
         locust_log = workdir / f"locust-{workers}.log"
-        cpu0, t0 = tree_cpu(server.pid), time.monotonic()
+        cpu0, t0, loader0, machine0 = tree_cpu(server.pid), time.monotonic(), children_cpu(), machine_ticks()
         with open(locust_log, "wb") as out:  # a file: locust's output never fills a pipe nobody reads
             # In a thread, so this event loop goes on serving the emulator's JWKS meanwhile.
             try:
@@ -283,7 +309,10 @@ async def one_run(args: argparse.Namespace, workers: int, sage, plan_path: Path,
                 raise SystemExit(f"locust did not stop:\n{locust_log.read_text(errors='replace')[-3000:]}") from None
         run.seconds = time.monotonic() - t0
         run.server_cpu = (tree_cpu(server.pid) - cpu0) / run.seconds
-        if returncode != 0 or not Path(f"{prefix}_stats.csv").exists():
+        run.loader_cpu = (children_cpu() - loader0) / run.seconds  # locust, reaped by now
+        machine1 = machine_ticks()
+        run.machine_busy = (machine1[0] - machine0[0]) / max(machine1[1] - machine0[1], 1)
+        if returncode != 0 or not Path(f"{prefix}.json").exists():
             raise SystemExit(f"locust failed ({returncode}):\n{locust_log.read_text(errors='replace')[-3000:]}")
         run.rows = read_stats(prefix)
         run.failures = read_failures(prefix)
@@ -298,10 +327,10 @@ async def one_run(args: argparse.Namespace, workers: int, sage, plan_path: Path,
 
 def report(runs: list[Run], args: argparse.Namespace, command: str, pool: int, mint_seconds: float,
            load: tuple[float, float]) -> None:
-    import locust
+    from importlib.metadata import version
 
     print(f"command: {command}")
-    print(f"locust {locust.__version__}, headless: {args.users} users, spawn rate {args.spawn_rate}/s, run time "
+    print(f"locust {version('locust')}, headless: {args.users} users, spawn rate {args.spawn_rate}/s, run time "
           f"{args.run_time}, no wait between tasks; each task: POST /notification, then GET /auth for its id")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{platform.system()} {platform.release()}; load average {load[0]:.1f} before, {load[1]:.1f} after "
@@ -312,7 +341,7 @@ def report(runs: list[Run], args: argparse.Namespace, command: str, pool: int, m
     header = f"{'':<{width}}"
     sub = f"{'request':<{width}}"
     for run in runs:
-        header += f" | {'--workers ' + str(run.workers):^36}"
+        header += f" | {'--workers ' + str(run.workers):^37}"
         sub += f" | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'count':>6}"
     print(header)
     print(sub)
@@ -325,19 +354,21 @@ def report(runs: list[Run], args: argparse.Namespace, command: str, pool: int, m
     print()
     for run in runs:
         auth = run.rows.get("GET /auth", Row("GET /auth"))
-        notes = [f"--workers {run.workers}: server CPU {run.server_cpu:.0%} of one core",
-                 f"stored {run.stored_notifications} notifications and {run.stored_journeys} journeys "
-                 f"(pages served: {auth.requests - auth.failures}; warm-up /ready probes store nothing)"]
-        print("; ".join(notes))
+        print(f"--workers {run.workers}: CPU (100% = one core) server {run.server_cpu:.0%}, locust "
+              f"{run.loader_cpu:.0%}; all CPUs {run.machine_busy:.0%} busy; stored "
+              f"{run.stored_notifications} notifications and {run.stored_journeys} journeys for "
+              f"{run.rows.get(ENDPOINTS[0], Row('')).requests} notifications answered and "
+              f"{auth.requests - auth.failures} pages served")
         for failure in run.failures:
             print(f"    failure: {failure}")
     print("\n'all' is both requests together; one task (a notification and its page) is half of it.")
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    try:
-        import locust  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    # Only looked for: importing locust here would monkey-patch this process for gevent and stall asyncio.
+    if importlib.util.find_spec("locust") is None:
         print("locust is not installed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     from connector.security.crypto import new_key
@@ -369,6 +400,7 @@ async def main_async(args: argparse.Namespace) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     bad = [r for r in runs if r.errors or not r.rows.get("GET /auth")]
+    # One stored notification per notification answered, one journey per page served.
     inconsistent = [r for r in runs if not bad and (
         r.stored_journeys != r.rows["GET /auth"].requests or r.stored_notifications != r.rows[ENDPOINTS[0]].requests)]
     if inconsistent:

@@ -226,6 +226,7 @@ import sys
 import pytest
 
 from connector.feed import Feed, FeedOptions
+from connector.metrics import Metrics
 from connector.outbound import guarded_session
 from connector.plugins import load_plugins
 from connector.sage.client import SageClient
@@ -270,14 +271,15 @@ async def make_feed(connector, sage):
     sessions = []
 
     def make(*, rate: float = 1000, read_timeout: float = 5.0, limiter: RateLimiter | None = None,
-             **options: Any) -> Feed:
+             metrics: Metrics | None = None, **options: Any) -> Feed:
         session = guarded_session([sage.base_url], timeout=30)
         sessions.append(session)
         client = SageClient(session, **sage.client_settings(),
                             limiter=limiter or RateLimiter(rate, backoff=Backoff(0.05, 0.5)),
                             backoff_base=0.01, backoff_cap=0.05, read_timeout=read_timeout, connect_timeout=2)
         opts = FeedOptions.from_settings(connector.settings, **{**FAST, **options})
-        return Feed(connector.settings, connector.app.ctx.providers, connector.app.ctx.box, client, options=opts)
+        return Feed(connector.settings, connector.app.ctx.providers, connector.app.ctx.box, client, options=opts,
+                    metrics=metrics)
 
     yield make
     for session in sessions:

@@ -20,6 +20,7 @@ from feed_provider import (  # noqa: F401 - fixtures
 )
 
 from connector.feed import admin
+from connector.metrics import Metrics
 from connector.sage.ratelimit import Backoff, RateLimiter
 from connector.storage import models
 
@@ -37,6 +38,16 @@ def exactly_once(sage, world: World, ids: list[str], user: str) -> None:
     for bank_account_id, account in zip(ids, world.users[user]):
         got = sage.transactions_by_account.get(bank_account_id, [])
         assert len(got) == len(set(got)) == len(world.books[account.provider_account_id].present())
+
+
+async def metric(feed, sample: str) -> float:
+    """One sample of the feed's Prometheus metrics, as ``/metrics`` renders it after a round; 0 when absent."""
+    await feed.export_states()
+    for line in feed.metrics.render().decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
 
 
 def max_in_flight(sage) -> int:
@@ -69,10 +80,13 @@ async def test_many_accounts_in_parallel_within_the_rate_limit(sage, sage_calls,
 async def test_a_429_storm_is_sat_out(sage, sage_calls, browser, make_feed, world):
     ids = await setup(world, browser, sage_calls, sage, "storm", accounts=2, days=12)
     sage.throttle(12, retry_after="0.1")
-    feed = make_feed(limiter=RateLimiter(50, backoff=Backoff(0.05, 0.2)), batch_size=6)
+    feed = make_feed(limiter=RateLimiter(50, backoff=Backoff(0.05, 0.2)), batch_size=6, metrics=Metrics())
     report = await feed.run_once()
     assert report.ok, report.lines()
     assert sage.count_429 == 12 and feed.sage.stats.throttled == 12
+    sent = sum(1 for s in sage.statements if s["data"]["principalId"] in ids)
+    assert await metric(feed, "connector_sage_429_total") == 12
+    assert await metric(feed, 'connector_statements_total{outcome="sent"}') == sent
     exactly_once(sage, world, ids, "storm")
 
 
@@ -126,7 +140,7 @@ async def test_the_token_expiring_mid_run(sage, sage_calls, browser, make_feed, 
 
 async def test_the_provider_down(sage, sage_calls, browser, make_feed, world):
     [bank_account_id] = await setup(world, browser, sage_calls, sage, "prov")
-    feed = make_feed(read_attempts=3)
+    feed = make_feed(read_attempts=3, metrics=Metrics())
     world.down = 2  # two failures, then the third attempt in the same run succeeds
     assert (await feed.run_once()).ok
     world.add(world.users["prov"][0].provider_account_id, today(), "-1.00")
@@ -142,6 +156,8 @@ async def test_the_provider_down(sage, sage_calls, browser, make_feed, world):
     reads = len(world.reads)
     report = await feed.run_once()  # still within the backoff: no read, nothing sent, still failing
     assert not report.ok and len(world.reads) == reads and len(sage.statements) == sent
+    # Two failures in the first run, three (read_attempts) in the second: each failed read is counted.
+    assert await metric(feed, 'connector_provider_errors_total{kind="temporary",provider="feedtest"}') == 5
 
     world.down = 0
     await asyncio.sleep(0.35)
@@ -153,9 +169,11 @@ async def test_the_provider_down(sage, sage_calls, browser, make_feed, world):
 async def test_a_refused_statement_holds_its_account_only(sage, sage_calls, browser, make_feed, world):
     first, second = await setup(world, browser, sage_calls, sage, "refused", accounts=2)
     sage.reject_statements("balance_mismatch", "ledgerBalance does not match", count=1)
-    feed = make_feed(parallel_accounts=1)
+    feed = make_feed(parallel_accounts=1, metrics=Metrics())
     report = await feed.run_once()
     assert not report.ok
+    assert await metric(feed, 'connector_statements_total{outcome="refused"}') == 1
+    assert await metric(feed, 'connector_feed_accounts{reason="statement_rejected",state="held"}') == 1
     held = report.outcomes[first]
     assert (held.state, held.reason) == ("held", "statement_rejected")
     assert "balance_mismatch" in held.error and "HTTP 400" in held.error
@@ -196,8 +214,9 @@ async def test_a_rebuilt_statement_keeps_its_unique_ids(sage, sage_calls, browse
 async def test_a_failed_statement_is_resent_after_backoff(sage, sage_calls, browser, make_feed, world):
     [bank_account_id] = await setup(world, browser, sage_calls, sage, "failed", days=20)
     sage.fail_statements([{"code": "processing_error", "message": "try again"}], count=1)
-    feed = make_feed(batch_size=10)
+    feed = make_feed(batch_size=10, metrics=Metrics())
     report = await feed.run_once()
+    assert await metric(feed, 'connector_statements_total{outcome="retried"}') == 1
     outcome = report.outcomes[bank_account_id]
     assert (outcome.state, outcome.reason) == ("failing", "statement_failed")
     assert "processing_error: try again" in outcome.error

@@ -27,7 +27,7 @@ from feed_provider import wait_for
 from connector.feed.lease import current_holder
 from connector.feed.testing import write_config
 from connector.storage import close_database, models, open_database
-from connector.testing.connector import SageEndpoints, connector_config, free_port
+from connector.testing.connector import SageEndpoints, connector_config, free_port, wait_until_ready
 from connector.testing.fixtures import DEMO_BANK_ID, DEMO_BANKS, POSTGRES_ENV, SageCalls
 
 pytestmark = pytest.mark.skipif(not os.environ.get(POSTGRES_ENV),
@@ -71,21 +71,6 @@ async def _start(name: str, config: Path, port: int, tmp_path: Path, calls: Sage
     return Instance(name, f"http://127.0.0.1:{port}", process, log, calls)
 
 
-async def _ready(instance: Instance, http: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if instance.process.returncode is not None:
-            raise AssertionError(f"{instance.name} exited with {instance.process.returncode}:\n{instance.tail()}")
-        try:
-            async with http.get(f"{instance.url}/ready") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{instance.name} not ready in {START_TIMEOUT:g} s:\n{instance.tail()}")
-
-
 async def _stop(instance: Instance) -> None:
     if instance.process.returncode is not None:
         return
@@ -115,7 +100,8 @@ async def instances(sage, database_url, http, tmp_path) -> AsyncIterator[tuple[I
         for name, port in zip("ab", ports):
             calls = SageCalls(sage, endpoints, f"http://127.0.0.1:{port}", http)
             started.append(await _start(name, path, port, tmp_path, calls))
-        await asyncio.gather(*(_ready(i, http) for i in started))
+        await asyncio.gather(*(wait_until_ready(i.url, lambda i=i: i.process.returncode, i.log,
+                                                timeout=START_TIMEOUT) for i in started))
         await open_database(database_url, migrate=False)  # this process reads the shared database
         try:
             yield started[0], started[1]

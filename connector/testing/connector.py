@@ -6,14 +6,18 @@ HTTP exactly as Sage and a browser would.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 from sanic import Sanic
 
 from connector.config import Settings, parse_settings
@@ -28,6 +32,32 @@ def free_port() -> int:
 
 def new_encryption_key() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+
+
+async def wait_until_ready(url: str, exit_code: Callable[[], int | None], log: Path, *, timeout: float = 60.0) -> None:
+    """Wait for a ``connector serve`` process at ``url`` to answer ``/ready`` with 200.
+
+    ``exit_code`` tells whether the process has ended (``Popen.poll``, or an asyncio process's ``returncode``); if it
+    has, or ``timeout`` passes, this raises ``AssertionError`` with the tail of its ``log``.
+    """
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            code = exit_code()
+            if code is not None:
+                raise AssertionError(f"connector exited with {code}:\n{_tail(log)}")
+            try:
+                async with http.get(f"{url}/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"connector not ready in {timeout:g} s:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
 @dataclass
