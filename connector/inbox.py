@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -21,7 +21,7 @@ from connector.config import Settings
 from connector.hookspecs import Provider
 from connector.journey.consents import StoredConsent
 from connector.security.crypto import SecretBox
-from connector.storage import models
+from connector.storage import insert_rows, models
 from connector.types import WebhookResult
 
 log = logging.getLogger("connector.inbox")
@@ -34,6 +34,22 @@ KNOWN = {
 
 
 MAX_GROUP = 256
+NOTIFICATION_COLUMNS = ("dedupe_key", "type", "resource_type", "resource_id", "payload", "caller", "received_at",
+                        "processed_at", "outcome")
+AUTHORISATION_COLUMNS = ("id", "sage_bank_id", "received_at", "expires_at")
+_encode_json = models.Notification._meta.fields_map["payload"].to_db_value  # the ORM's own JSON encoding
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A notification stored: its row, whether this call stored it (else it repeats one), and whether work on it
+    is left for after the answer (bank-account events: :meth:`Inbox.process_later`)."""
+
+    id: int
+    type: str
+    resource_type: str
+    new: bool
+    pending: bool
 
 
 @dataclass(slots=True)
@@ -127,9 +143,10 @@ class Inbox:
         self._working: set[int] = set()
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task | None = None
+        self._later: set[asyncio.Task[Any]] = set()
 
-    async def store(self, body: Mapping[str, Any], caller: str) -> tuple[models.Notification, bool]:
-        """Store a checked notification durably; return the row and whether it is new.
+    async def store(self, body: Mapping[str, Any], caller: str) -> Stored:
+        """Store a checked notification durably; say what was stored.
 
         Notifications arriving together are written in one transaction (group commit): each caller still gets
         its answer only after the commit that holds its row, but the disk is flushed once per group, not once
@@ -161,57 +178,66 @@ class Inbox:
                 if not item.done.done():
                     item.done.set_result(result)
 
-    async def _write(self, group: list[_Pending]) -> list[tuple[models.Notification, bool]]:
-        keys = list(dict.fromkeys(item.key for item in group))
-        now = datetime.now(timezone.utc)
-        async with in_transaction():
-            known = {row.dedupe_key: row for row in await models.Notification.filter(dedupe_key__in=keys)}
-            fresh = [item for item in {item.key: item for item in reversed(group)}.values() if item.key not in known]
-            if fresh:
-                await models.Notification.bulk_create([self._row(item, now) for item in fresh])
-                authorisations = [self._authorisation(item, now) for item in fresh
-                                  if (item.kind, item.rtype) == ("resourceCreated", "authorisation")]
-                if authorisations:
-                    await models.Authorisation.bulk_create(authorisations)
-            stored = {row.dedupe_key: row for row in await models.Notification.filter(
-                dedupe_key__in=[item.key for item in fresh])} if fresh else {}
-        results = []
-        first = {item.key: item for item in reversed(group)}
+    async def _write(self, group: list[_Pending]) -> list[Stored]:
+        first: dict[str, _Pending] = {}
         for item in group:
-            row = known.get(item.key) or stored[item.key]
-            new = item.key not in known and first[item.key] is item
-            if not new and row.payload != item.body:
-                log.warning("repeated notification differs from the first; the first is kept",
-                            extra={"notification": item.key})
+            first.setdefault(item.key, item)
+        now = datetime.now(timezone.utc)
+        # Plain multi-row INSERTs, not ORM objects: this is /notification's hot path. Keys already stored (here or
+        # by another instance meanwhile) are skipped by the database, which also says which rows are new.
+        async with in_transaction() as connection:
+            inserted = await insert_rows(connection, "notification", NOTIFICATION_COLUMNS,
+                                         [self._values(item, now) for item in first.values()],
+                                         skip_conflicts_on="dedupe_key", returning=("dedupe_key", "id"))
+            ids = {key: row_id for key, row_id in inserted}
+            await insert_rows(connection, "authorisation", AUTHORISATION_COLUMNS, [
+                (item.rid.lower(), item.extra["bankId"], now, now + self.ttl) for item in first.values()
+                if item.key in ids and (item.kind, item.rtype) == ("resourceCreated", "authorisation")],
+                # The same id in other capitals, announced before: one authorisation, whose use stays as it is.
+                skip_conflicts_on="id")
+        earlier = {row.dedupe_key: row for row in await models.Notification.filter(
+            dedupe_key__in=[key for key in first if key not in ids])} if len(ids) < len(first) else {}
+        results = []
+        for item in group:
+            if item.key not in ids and item.key not in earlier:
+                # Skipped as already stored, yet not found a moment later: store it on its own.
+                results.append(await self._write_one(item))
+                continue
+            new = item.key in ids and first[item.key] is item
             if new:
                 self._note(item)
-            results.append((row, new))
+            elif (earlier[item.key].payload if item.key in earlier else first[item.key].body) != item.body:
+                log.warning("repeated notification differs from the first; the first is kept",
+                            extra={"notification": item.key})
+            row_id = ids[item.key] if item.key in ids else earlier[item.key].id
+            results.append(Stored(row_id, item.kind, item.rtype, new, new and self._pending(item)))
         return results
 
-    async def _write_one(self, item: _Pending) -> tuple[models.Notification, bool]:
+    async def _write_one(self, item: _Pending) -> Stored:
         now = datetime.now(timezone.utc)
         try:
             async with in_transaction():
-                row = self._row(item, now)
-                await row.save()
+                row = await models.Notification.create(**dict(zip(NOTIFICATION_COLUMNS, self._values(item, now))))
                 if (item.kind, item.rtype) == ("resourceCreated", "authorisation"):
-                    await self._authorisation(item, now).save()
+                    await models.Authorisation.get_or_create(id=item.rid.lower(), defaults={
+                        "sage_bank_id": item.extra["bankId"], "received_at": now, "expires_at": now + self.ttl})
         except IntegrityError:
-            return await models.Notification.get(dedupe_key=item.key), False
+            row = await models.Notification.get(dedupe_key=item.key)
+            return Stored(row.id, item.kind, item.rtype, False, False)
         self._note(item)
-        return row, True
+        return Stored(row.id, item.kind, item.rtype, True, self._pending(item))
 
-    def _row(self, item: _Pending, now: datetime) -> models.Notification:
-        # Only bank-account events have work to do after the answer; the rest are done once stored.
-        done = None if item.rtype == "bankAccount" and (item.kind, item.rtype) in KNOWN else now
-        outcome = "" if done is None else "stored" if (item.kind, item.rtype) in KNOWN else "ignored"
-        return models.Notification(dedupe_key=item.key, type=item.kind, resource_type=item.rtype,
-                                   resource_id=item.rid, payload=item.body, caller=item.caller, received_at=now,
-                                   processed_at=done, outcome=outcome)
+    @staticmethod
+    def _pending(item: _Pending) -> bool:
+        """Only bank-account events have work to do after the answer; the rest are done once stored."""
+        return item.rtype == "bankAccount" and (item.kind, item.rtype) in KNOWN
 
-    def _authorisation(self, item: _Pending, now: datetime) -> models.Authorisation:
-        return models.Authorisation(id=item.rid.lower(), sage_bank_id=item.extra["bankId"], received_at=now,
-                                    expires_at=now + self.ttl)
+    def _values(self, item: _Pending, now: datetime) -> tuple[Any, ...]:
+        """The row of ``NOTIFICATION_COLUMNS`` for one notification."""
+        pending = self._pending(item)
+        outcome = "" if pending else "stored" if (item.kind, item.rtype) in KNOWN else "ignored"
+        return (item.key, item.kind, item.rtype, item.rid, _encode_json(item.body, None), item.caller, now,
+                None if pending else now, outcome)
 
     def _note(self, item: _Pending) -> None:
         if (item.kind, item.rtype) not in KNOWN:
@@ -234,6 +260,23 @@ class Inbox:
     async def process_pending(self) -> None:
         for row in await models.Notification.filter(processed_at__isnull=True).order_by("id"):
             await self.process(row)
+
+    async def process_later(self, stored: Stored) -> None:
+        """Act on a notification just stored (a task started after the answer)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._later.add(task)
+        try:
+            row = await models.Notification.get_or_none(id=stored.id)
+            if row is not None and row.processed_at is None:
+                await self.process(row)
+        finally:
+            self._later.discard(task)
+
+    async def settled(self) -> None:
+        """Return once the work started after answers (:meth:`process_later`) is done: for tests and shutdown."""
+        while self._later:
+            await asyncio.gather(*self._later, return_exceptions=True)
 
     async def process(self, row: models.Notification) -> None:
         """Act on a stored notification, then mark it processed. Every action is idempotent, so a crash midway

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -32,7 +33,12 @@ def _origin_guard(allowed: frozenset[str]) -> aiohttp.ClientMiddlewareType:
         if target not in allowed:
             log.warning("outbound call refused", extra={"origin": target})
             raise ForbiddenOrigin(f"origin {target} is not configured for this client")
+        started = time.monotonic()
         response = await handler(request)
+        # One line per call, with the id of the request that caused it (logs.request_id): a page or notification
+        # can be followed through its provider and Sage calls. No path or query: they can carry account numbers.
+        log.debug("outbound call", extra={"kind": request.method, "origin": target, "status": response.status,
+                                          "seconds": round(time.monotonic() - started, 3)})
         if 300 <= response.status < 400:
             # Never followed: a redirect could lead to a host we did not configure.
             response.release()

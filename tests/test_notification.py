@@ -381,6 +381,37 @@ async def test_authorisation_id_in_capitals_is_stored_canonically(sage_calls, br
     assert (page.status, page.h1) == (200, "Sign in to Demo Bank")
 
 
+async def test_one_authorisation_id_in_two_spellings_at_once_is_one_authorisation_used_once(sage_calls, browser):
+    authorisation_id = str(uuid.uuid4())
+    results = await asyncio.gather(*(post(sage_calls, authorisation(spelling))
+                                     for spelling in (authorisation_id.upper(), authorisation_id) * 2))
+    assert [(s, b) for s, b, _ in results] == [(200, {"status": "accepted"})] * 4
+    assert await models.Notification.filter(resource_id__in=[authorisation_id, authorisation_id.upper()]).count() == 2
+    assert await models.Authorisation.filter(id=authorisation_id).count() == 1
+    page = await browser.get(sage_calls.auth_url(authorisation_id))
+    assert (page.status, page.h1) == (200, "Sign in to Demo Bank")
+    # A later repeat, in either spelling, gives the used authorisation no second life.
+    for spelling in (authorisation_id, authorisation_id.upper()):
+        assert (await post(sage_calls, authorisation(spelling)))[0] == 200
+    page = await browser.get(sage_calls.auth_url(authorisation_id))
+    assert page.status == 410
+
+
+async def test_a_new_notification_and_repeats_of_a_stored_one_at_once(sage_calls, caplog):
+    stored, fresh = authorisation(), authorisation()
+    assert (await post(sage_calls, stored))[0] == 200
+    changed = stored | {"additionalData": {"bankId": DEMO_BANK_ID, "note": "changed"}}
+    results = await asyncio.gather(*(post(sage_calls, body) for body in (stored, fresh, changed, fresh)))
+    assert [s for s, _, _ in results] == [200] * 4
+    for body in (stored, fresh):
+        rid = body["resource"]["id"]
+        assert await models.Notification.filter(resource_id=rid).count() == 1
+        assert await models.Authorisation.filter(id=rid).count() == 1
+    row = await models.Notification.get(resource_id=stored["resource"]["id"])
+    assert row.payload == stored  # the first is kept
+    assert "repeated notification differs from the first" in caplog.text
+
+
 async def test_authorisation_for_an_unconfigured_bank_is_stored_and_auth_refused(sage_calls, browser):
     bank = str(uuid.uuid4())
     authorisation_id = str(uuid.uuid4())

@@ -141,6 +141,11 @@ class RunningConnector:
         await self._server.after_stop()
         self._server = None
 
+    async def settle(self) -> None:
+        """Wait until the work notifications start after their answer (linking or unlinking a bank account) is done,
+        as Sage would by the time it next calls: a test can then look at what it left without racing it."""
+        await self.app.ctx.inbox.settled()
+
     async def __aenter__(self) -> RunningConnector:
         return await self.start()
 

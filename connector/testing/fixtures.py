@@ -65,6 +65,9 @@ class SageCalls:
     endpoints: SageEndpoints
     connector_url: str
     http: aiohttp.ClientSession
+    #: Awaited after a bank-account notification is answered, so that what it starts is done when the call returns
+    #: (``RunningConnector.settle`` for a connector in this process; ``None`` for one in another process).
+    settle: Callable[[], Awaitable[None]] | None = None
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         return {
@@ -102,6 +105,8 @@ class SageCalls:
                                           "resource": {"id": bank_account_id, "type": "bankAccount", "url": ""},
                                           "additionalData": extra})
         assert status == 200, body
+        if self.settle is not None:
+            await self.settle()
         return bank_account_id
 
     async def account_deleted(self, bank_account_id: str, external_id: str, bank_id: str = DEMO_BANK_ID) -> None:
@@ -109,6 +114,8 @@ class SageCalls:
                                           "resource": {"id": bank_account_id, "type": "bankAccount", "url": "NA"},
                                           "additionalData": {"externalId": external_id, "bankId": bank_id}})
         assert status == 200, body
+        if self.settle is not None:
+            await self.settle()
 
     def redirect_uri(self) -> str:
         return f"{self.sage.base_url}{REDIRECT_PATH}{uuid.uuid4()}"
@@ -230,7 +237,7 @@ async def connector(connector_factory: ConnectorFactory) -> RunningConnector:
 
 @pytest.fixture
 def sage_calls(sage: SageEmulator, connector: RunningConnector, http: aiohttp.ClientSession) -> SageCalls:
-    return SageCalls(sage, connector.endpoints, connector.url, http)  # type: ignore[attr-defined]
+    return SageCalls(sage, connector.endpoints, connector.url, http, connector.settle)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

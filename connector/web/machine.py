@@ -17,11 +17,11 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 
 from connector.errors import ApiError
-from connector.tasks import spawn
 from connector.inbox import EnvelopeError
 from connector.journey import consents
 from connector.security.tokens import TokenError, www_authenticate
 from connector.storage import models, storable
+from connector.tasks import spawn
 from connector.types import ProviderError, WebhookRequest
 from connector.web import apidoc, journey
 
@@ -89,12 +89,13 @@ async def notification(request: Request) -> HTTPResponse:
         raise ApiError("invalid_request", "The body is not valid JSON.") from None
     inbox = request.app.ctx.inbox
     try:
-        row, new = await inbox.store(body, caller=str(claims.get("azp") or claims.get("sub") or ""))
+        stored = await inbox.store(body, caller=str(claims.get("azp") or claims.get("sub") or ""))
     except EnvelopeError as exc:
         raise ApiError("invalid_request", str(exc)) from None
-    request.app.ctx.metrics.notifications.labels(f"{row.type}:{row.resource_type}", str(new).lower()).inc()
-    if new and row.processed_at is None:
-        spawn(request.app, inbox.process(row))
+    label = f"{stored.type}:{stored.resource_type}"
+    request.app.ctx.metrics.notifications.labels(label, str(stored.new).lower()).inc()
+    if stored.pending:
+        spawn(request.app, inbox.process_later(stored))
     return json_response({"status": "accepted"})
 
 

@@ -140,7 +140,7 @@ async def connector(connector_factory: Any) -> RunningConnector:
 
 @pytest_asyncio.fixture(loop_scope=LOOP)
 async def sage_calls(sage: SageEmulator, connector: RunningConnector, http: aiohttp.ClientSession) -> SageCalls:
-    return SageCalls(sage, connector.endpoints, connector.url, http)  # type: ignore[attr-defined]
+    return SageCalls(sage, connector.endpoints, connector.url, http, connector.settle)  # type: ignore[attr-defined]
 
 
 @pytest_asyncio.fixture(loop_scope=LOOP)
