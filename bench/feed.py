@@ -72,10 +72,10 @@ def child(config: str, report: str) -> int:
 
 async def one_size(accounts: int, transactions: int, rate: float, parallel: int, batch_size: int,
                    database_query: str = "") -> dict:
-    from connector.feed.testing import seed_linked_accounts, write_config
+    from connector.feed.testing import seed_linked_accounts
     from connector.security.crypto import SecretBox
     from connector.storage import close_database, open_database
-    from connector.testing.connector import SageEndpoints, connector_config, settings_from
+    from connector.testing.connector import SageEndpoints, connector_config, settings_from, write_config
     from connector.testing.fixtures import DEMO_BANK_ID, DEMO_BANKS
     from connector.testing.sage import SageEmulator
 
@@ -83,7 +83,8 @@ async def one_size(accounts: int, transactions: int, rate: float, parallel: int,
         async with SageEmulator(rate=rate, processing_polls=0, batch_size=batch_size) as sage:
             endpoints = SageEndpoints(sage.base_url, sage.client_id, sage.client_secret, sage.api_key)
             config = connector_config(
-                endpoints, database_url=f"sqlite://{tmp}/connector.sqlite3{database_query}", port=8080, banks=DEMO_BANKS,
+                endpoints, database_url=f"sqlite://{tmp}/connector.sqlite3{database_query}", port=8080,
+                banks=DEMO_BANKS,
                 providers={"demobank": {"history_days": transactions}},
                 extra={"sage": {"requests_per_second": rate, "statement_batch_size": batch_size},
                        "feed": {"parallel_accounts": parallel}, "logging": {"level": "WARNING"}})

@@ -118,14 +118,6 @@ def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def process_cpu(pid: int) -> float:
     """User + system CPU seconds of a process and its children that were waited for (Linux /proc)."""
     try:
@@ -261,11 +253,12 @@ def read_failures(prefix: Path) -> list[str]:
 
 async def one_run(args: argparse.Namespace, workers: int, sage, plan_path: Path, workdir: Path,
                   header_value: str) -> Run:
-    from connector.feed.testing import write_config
     from connector.testing.connector import (
         SageEndpoints,
         connector_config,
+        free_port,
         wait_until_ready,
+        write_config,
     )
 
     run = Run(workers)

@@ -7,7 +7,8 @@ What runs:
 
 * the Sage emulator (Sage ID JWKS) in this process, on loopback;
 * the connector, started as ``connector serve --workers 1`` in its own process, on a throwaway config and SQLite file;
-* a bare Sanic app (``POST /bare`` answering ``{"status":"accepted"}``) in its own process, one worker;
+* a bare Sanic app (``POST /bare`` answering ``{"status":"accepted"}``) in its own process, one worker, with a
+  ``GET /ready`` like the connector's so one start-up wait serves both;
 * the load generator: an aiohttp client in this process with a fixed concurrency, for a fixed duration per variant,
   after a warm-up.
 
@@ -59,60 +60,14 @@ def serve_bare(port: int) -> None:
     async def bare(request):  # type: ignore[no-untyped-def]
         return json_response({"status": "accepted"})
 
+    @app.get("/ready")
+    async def ready(request):  # type: ignore[no-untyped-def]
+        return json_response({"status": "ready"})
+
     app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
 
 
 # --- Servers ---------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def connector_config(workdir: Path, sage_url: str, port: int, *, log_level: str, database_query: str) -> Path:
-    path = workdir / "config.toml"
-    path.write_text(f"""
-[server]
-public_url = "http://127.0.0.1:{port}"
-host = "127.0.0.1"
-port = {port}
-workers = 1
-
-[database]
-url = "sqlite://{workdir / 'connector.sqlite3'}{database_query}"
-
-[security]
-encryption_keys = ["${{BENCH_KEY}}"]
-
-[sage]
-issuer = "{sage_url}/"
-jwks_url = "{sage_url}/.well-known/jwks.json"
-token_url = "{sage_url}/oauth/token"
-provider_api_url = "{sage_url}"
-client_id = "bench"
-client_secret = "bench-secret"
-api_key = "bench-api-key"
-notification_header = {{ name = "{HEADER_NAME}", value = "${{BENCH_HEADER}}" }}
-
-[feed]
-enabled = false
-
-[logging]
-level = "{log_level}"
-
-[providers.demobank]
-enabled = true
-
-[[banks]]
-sage_bank_id = "{BANK_ID}"
-name = "Demo Bank"
-provider = "demobank"
-""")
-    return path
 
 
 @dataclass
@@ -145,25 +100,6 @@ def start_process(name: str, argv: list[str], env: dict[str, str], url: str, wor
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
     return Server(name, url, process, log)
-
-
-async def wait_until_up(http, server: Server, method: str, path: str, timeout: float = 30.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise SystemExit(f"{server.name} exited with {server.process.returncode}:\n"
-                             f"{server.log.read_text()[-3000:]}")
-        try:
-            async with http.request(method, server.url + path) as resp:
-                await resp.read()
-                if resp.status < 500:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"{server.name} did not start in {timeout:.0f} s:\n{server.log.read_text()[-3000:]}")
 
 
 # --- Load ------------------------------------------------------------------------------------------------------------
@@ -247,6 +183,13 @@ async def run(args: argparse.Namespace) -> int:
 
     from connector.security.crypto import new_key
     from connector.security.tokens import SageTokenVerifier
+    from connector.testing.connector import (
+        SageEndpoints,
+        connector_config,
+        free_port,
+        wait_until_ready,
+        write_config,
+    )
     from connector.testing.sage import SageEmulator
 
     cache_size = SageTokenVerifier.__init__.__kwdefaults__["cache_size"]
@@ -254,14 +197,17 @@ async def run(args: argparse.Namespace) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-notification-"))
     header_value = new_key() + new_key()
-    env = {**os.environ, "BENCH_KEY": new_key(), "BENCH_HEADER": header_value,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     servers: list[Server] = []
     async with SageEmulator(rate=None) as sage:
         try:
             connector_port, bare_port = free_port(), free_port()
-            config = connector_config(workdir, sage.base_url, connector_port, log_level=args.log_level,
-                                      database_query=args.database_query)
+            endpoints = SageEndpoints(sage.base_url, sage.client_id, sage.client_secret, sage.api_key,
+                                      notification_header_value=header_value, notification_header_name=HEADER_NAME)
+            config = write_config(workdir / "config.toml", connector_config(
+                endpoints, database_url=f"sqlite://{workdir / 'connector.sqlite3'}{args.database_query}",
+                port=connector_port, banks=[{"sage_bank_id": BANK_ID, "name": "Demo Bank", "provider": "demobank"}],
+                providers={"demobank": {}}, extra={"server": {"workers": 1}, "logging": {"level": args.log_level}}))
             connector = start_process(
                 "connector", [sys.executable, "-m", "connector.cli", "serve", "--config", str(config),
                               "--workers", "1"], env, f"http://127.0.0.1:{connector_port}", workdir)
@@ -293,8 +239,8 @@ async def run(args: argparse.Namespace) -> int:
 
             connector_limit = aiohttp.TCPConnector(limit=args.concurrency, force_close=False)
             async with aiohttp.ClientSession(connector=connector_limit) as http:
-                await wait_until_up(http, connector, "GET", "/ready")
-                await wait_until_up(http, bare, "POST", "/bare")
+                for server in (connector, bare):
+                    await wait_until_ready(server.url, server.process.poll, server.log, timeout=30)
                 # A full request first: it must be accepted, or the run measures error answers.
                 path, headers, body = variants["full"][1]().next()
                 async with http.post(connector.url + path, data=body, headers=headers) as resp:

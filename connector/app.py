@@ -6,27 +6,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sanic import Request, Sanic
 from jinja2 import Environment, FileSystemLoader
+from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
-from sanic_ext import Extend
+from sanic_ext import Extend, openapi
 from tortoise.exceptions import DBConnectionError, IntegrityError, OperationalError
 
+from connector import logs
 from connector.config import Settings
 from connector.errors import ApiError, PageError
 from connector.feed import Feed
 from connector.hookspecs import Provider
 from connector.inbox import Inbox
 from connector.journey.service import Journeys
-from connector.outbound import CoreServices, guarded_session
+from connector.metrics import Metrics
+from connector.outbound import guarded_session
 from connector.plugins import Plugins, load_plugins
 from connector.sage.client import SageClient
 from connector.sage.ratelimit import RateLimiter
@@ -35,8 +36,6 @@ from connector.security.headers import SecurityHeaders
 from connector.security.tokens import JWKSCache, SageTokenVerifier
 from connector.storage import close_database, open_database
 from connector.tasks import spawn
-from connector import logs
-from connector.metrics import Metrics
 from connector.web import journey, machine, ops, render
 
 log = logging.getLogger("connector.app")
@@ -113,8 +112,7 @@ class Errors(ErrorHandler):
 def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str | None = None) -> Sanic:
     logs.quiet_libraries()
     plugins = plugins or load_plugins()
-    available = plugins.providers()
-    enabled = {n: available[n].cls for n in settings.enabled_providers() if n in available}
+    enabled = plugins.enabled(settings)
 
     errors = Errors()
     dirs = template_dirs(enabled)
@@ -164,6 +162,7 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
         app.ctx.metrics.requests.labels(route, str(response.status)).inc()
 
     app.blueprint(journey.bp)
+    openapi.exclude(bp=journey.bp)  # HTML for people, not part of the machine API document
     app.blueprint(machine.bp)
     app.blueprint(ops.bp)
     app.ctx.metrics = Metrics()
@@ -182,25 +181,21 @@ def create_app(settings: Settings, plugins: Plugins | None = None, *, name: str 
                                              leeway=sage["clock_leeway_seconds"],
                                              allowed_clients=sage["allowed_token_clients"])
         app.ctx.limiter = RateLimiter(sage["requests_per_second"])
-        app.ctx.sage = SageClient(
-            app.ctx.http, token_url=sage["token_url"], client_id=sage["client_id"],
-            client_secret=sage["client_secret"], token_audience=sage["token_audience"],
-            api_url=sage["provider_api_url"], api_key=sage["api_key"], limiter=app.ctx.limiter)
-        app.ctx.providers = {
-            n: cls({k: v for k, v in settings.providers[n].items() if k != "enabled"},
-                   CoreServices(settings.public_url, n))
-            for n, cls in enabled.items()
-        }
+        app.ctx.sage = SageClient.from_settings(app.ctx.http, sage, app.ctx.limiter)
+        app.ctx.metrics.sage_throttled.source = lambda: app.ctx.sage.stats.throttled
+        app.ctx.providers = plugins.instances(settings)
         # The statement feed: woken early when Sage links or deletes a bank account, or a consent is repaired.
         app.ctx.feed = Feed(settings, app.ctx.providers, app.ctx.box, app.ctx.sage, metrics=app.ctx.metrics)
         app.ctx.journeys = Journeys(settings, app.ctx.providers, app.ctx.box, app.ctx.sage,
-                                    on_consent_restored=app.ctx.feed.wake)
+                                    on_consent_restored=app.ctx.feed.wake, metrics=app.ctx.metrics)
         app.ctx.inbox = Inbox(settings, app.ctx.providers, app.ctx.box, on_account_change=app.ctx.feed.wake)
-        await app.ctx.inbox.process_pending()
 
     @app.after_server_start
     async def warm(app: Sanic, _: Any = None) -> None:
         spawn(app, app.ctx.jwks.warm())
+        # Notifications a crash left unprocessed: their work is idempotent, so it need not hold up serving (it may
+        # call a provider that is down).
+        spawn(app, app.ctx.inbox.process_pending())
         if settings.feed["enabled"]:
             spawn(app, app.ctx.feed.run_forever())
 

@@ -7,8 +7,16 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 
-from connector.config import ConfigError, Problem, check_settings, collect_problems, load_settings, parse_settings
-from connector.plugins import PluginError, Plugins, load_plugins
+from connector.config import (
+    ConfigError,
+    Problem,
+    Settings,
+    check_settings,
+    collect_problems,
+    load_settings,
+    parse_settings,
+)
+from connector.plugins import Plugins, load_failure, load_plugins
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -28,25 +36,30 @@ def _plugins_or_problem() -> Plugins | Problem:
     try:
         plugins = load_plugins()
         plugins.providers()  # two providers with one name is a start-up error too
-    except PluginError as err:
-        return Problem("plugins", str(err))
-    except Exception as err:  # a built-in plugin's import error, a hook implementation pluggy refuses
-        return Problem("plugins", f"provider plugins could not be loaded: {type(err).__name__}: {err}")
+    except Exception as err:
+        return Problem("plugins", load_failure(err))
     return plugins
+
+
+def _settings_or_problems(config: str) -> tuple[Settings, Plugins] | tuple[None, None]:
+    """The plugins and the checked settings, or (None, None) once every problem is printed."""
+    plugins = _plugins_or_problem()
+    if isinstance(plugins, Problem):
+        _print_problems([plugins])
+        return None, None
+    try:
+        return load_settings(config, plugins=plugins), plugins
+    except ConfigError as err:
+        _print_problems(err.problems)
+    return None, None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
-    plugins = _plugins_or_problem()
-    if isinstance(plugins, Problem):
-        _print_problems([plugins])
-        return 1
-    try:
-        settings = load_settings(args.config, plugins=plugins)
-    except ConfigError as err:
-        _print_problems(err.problems)
+    settings, _ = _settings_or_problems(args.config)
+    if settings is None:
         return 1
     loader = AppLoader(factory=partial(build_app, args.config))
     app = loader.load()
@@ -157,17 +170,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 EXIT_NOT_DELIVERED = 1  # feed run: at least one account could not deliver (consent lost, refused, provider down)
 EXIT_CONFIG = 2  # the configuration has problems
 EXIT_BUSY = 3  # feed run: another process holds the feed lease
-
-
-def _settings_or_problems(config: str):
-    try:
-        plugins = load_plugins()
-        return load_settings(config, plugins=plugins), plugins
-    except PluginError as err:
-        _print_problems([Problem("plugins", str(err))])
-    except ConfigError as err:
-        _print_problems(err.problems)
-    return None, None
 
 
 def cmd_feed_run(args: argparse.Namespace) -> int:
@@ -297,28 +299,31 @@ async def _banks_sync(settings, body) -> int:
     return 0
 
 
+def _command(where: argparse._SubParsersAction, name: str, func, help_: str) -> argparse.ArgumentParser:
+    """A command that reads the config (``--config``) and runs ``func(args)``."""
+    p = where.add_parser(name, help=help_)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="path to config.toml (default: ./config.toml)")
+    p.set_defaults(func=func)
+    return p
+
+
 def _feed_and_banks_commands(sub: argparse._SubParsersAction) -> None:
     def nested(group: str, help_: str) -> argparse._SubParsersAction:
         return sub.add_parser(group, help=help_).add_subparsers(dest=f"{group}_command", required=True)
 
-    def leaf(where: argparse._SubParsersAction, name: str, func, help_: str) -> argparse.ArgumentParser:
-        p = where.add_parser(name, help=help_)
-        p.add_argument("--config", default=DEFAULT_CONFIG, help="path to config.toml (default: ./config.toml)")
-        p.set_defaults(func=func)
-        return p
 
     feed = nested("feed", "the statement feed")
-    run = leaf(feed, "run", cmd_feed_run, "run the statement feed (exit 1 if an account could not deliver)")
+    run = _command(feed, "run", cmd_feed_run, "run the statement feed (exit 1 if an account could not deliver)")
     run.add_argument("--once", action="store_true", help="one run over every account, then exit")
-    status = leaf(feed, "status", cmd_feed_status,
+    status = _command(feed, "status", cmd_feed_status,
                   "show each linked account's feed state (exit 1 if an account needs attention)")
     status.add_argument("--all", action="store_true", help="also show accounts deleted in Sage")
-    retry = leaf(feed, "retry", cmd_feed_retry, "release an account held by a statement Sage refused")
+    retry = _command(feed, "retry", cmd_feed_retry, "release an account held by a statement Sage refused")
     retry.add_argument("bank_account_id", help="the Sage bankAccountId shown by `feed status`")
     retry.add_argument("--rebuild", action="store_true",
                        help="cut the held transactions into new statements instead of resending the same bytes")
     banks = nested("banks", "bank registration with Sage")
-    sync = leaf(banks, "sync", cmd_banks_sync, "register or update the configured banks with Sage (POST /v1/banks)")
+    sync = _command(banks, "sync", cmd_banks_sync, "register or update the configured banks with Sage (POST /v1/banks)")
     sync.add_argument("--dry-run", action="store_true", help="print the body and send nothing")
 
 
@@ -327,10 +332,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     from connector.storage import apply_migrations, close_database, open_database
 
-    try:
-        settings = load_settings(args.config, plugins=load_plugins())
-    except (ConfigError, PluginError) as err:
-        _print_problems(err.problems if isinstance(err, ConfigError) else [Problem("plugins", str(err))])
+    settings, _ = _settings_or_problems(args.config)
+    if settings is None:
         return 1
 
     async def run() -> list[str]:
@@ -350,19 +353,13 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="connector", description="Sage Banking Service connector")
     sub = top.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", default=DEFAULT_CONFIG, help="path to config.toml (default: ./config.toml)")
-        p.set_defaults(func=func)
-        return p
-
-    serve = command("serve", cmd_serve, "run the connector")
+    serve = _command(sub, "serve", cmd_serve, "run the connector")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
-    command("check-config", cmd_check_config, "check the config and print every problem with its key")
-    command("migrate", cmd_migrate, "apply pending database migrations (serve also does this at start)")
-    command("providers", cmd_providers, "list loaded provider plugins and the banks mapped to each")
+    _command(sub, "check-config", cmd_check_config, "check the config and print every problem with its key")
+    _command(sub, "migrate", cmd_migrate, "apply pending database migrations (serve also does this at start)")
+    _command(sub, "providers", cmd_providers, "list loaded provider plugins and the banks mapped to each")
     demo = sub.add_parser("demo", help="run the connector with local stand-ins of Sage and the providers, "
                                        "and print the URL of a demo Sage product page")
     demo.add_argument("--port", type=int, default=8400, help="port of the demo product page (default 8400; 0: any)")
@@ -374,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
     new.add_argument("--dir", help="the folder to create (default: ./<name>-connector)")
     new.add_argument("--title", help="the provider's name as shown to people (default: from NAME)")
     new.set_defaults(func=cmd_new_provider)
-    command("rotate-keys", cmd_rotate_keys,
+    _command(sub, "rotate-keys", cmd_rotate_keys,
             "re-encrypt every stored secret under the first of security.encryption_keys")
     _feed_and_banks_commands(sub)
     return top

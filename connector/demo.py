@@ -507,7 +507,8 @@ class Demo:
         folder = Path(self._tmp.name)
         try:
             await self.sage.start()
-            self.stacks = await start_stacks(folder, self.factories)
+            plugins = load_plugins()
+            self.stacks = await start_stacks(folder, self.factories, plugins)
             endpoints = SageEndpoints(self.sage.base_url, self.sage.client_id, self.sage.client_secret,
                                       self.sage.api_key)
             port = self.connector_port or free_port()
@@ -517,7 +518,7 @@ class Demo:
                 banks=[b.config() for b in self.banks], providers=providers,
                 extra={"feed": {"enabled": self.feed, "interval_seconds": 15},
                        "logging": {"level": "INFO", "format": "text"}})
-            self.connector = RunningConnector(settings_from(config))
+            self.connector = RunningConnector(settings_from(config), plugins)
             if self.quiet:
                 _quiet_sanic()
             await self.connector.start()

@@ -51,6 +51,7 @@ __all__ = [
     "BankInfo",
     "ConsentSession",
     "Flow",
+    "PolledProvider",
     "Provider",
     "ProviderServices",
     "WebhookProvider",
@@ -244,6 +245,18 @@ class WebhookProvider(Provider, Protocol):
         :raises ValueError: the body is malformed (400).
         """
         ...
+
+
+@runtime_checkable
+class PolledProvider(Provider, Protocol):
+    """A provider whose bank refreshes its data on a schedule (optional: the core checks for the attribute).
+
+    After reading an account the feed waits ``poll_interval_seconds`` before reading it again, unless a webhook
+    names its consent (:meth:`WebhookProvider.webhook`): reading sooner would only fetch what the bank has not
+    refreshed yet, and spend the provider's request quota.
+    """
+
+    poll_interval_seconds: int
 
 
 # --- Hooks ---------------------------------------------------------------------------------------------------------

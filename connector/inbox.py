@@ -31,6 +31,8 @@ KNOWN = {
     ("resourceCreated", "bankAccount"),
     ("resourceDeleted", "bankAccount"),
 }
+#: Only bank-account events have work to do after the answer; the rest are done once stored.
+AFTER_ANSWER = {(kind, rtype) for kind, rtype in KNOWN if rtype == "bankAccount"}
 
 
 MAX_GROUP = 256
@@ -49,7 +51,10 @@ class Stored:
     type: str
     resource_type: str
     new: bool
-    pending: bool
+
+    @property
+    def pending(self) -> bool:
+        return self.new and (self.type, self.resource_type) in AFTER_ANSWER
 
 
 @dataclass(slots=True)
@@ -166,9 +171,6 @@ class Inbox:
             group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
             try:
                 results = await self._write(group)
-            except IntegrityError:
-                # Another instance stored one of these keys meanwhile: fall back to one transaction each.
-                results = [await self._write_one(item) for item in group]
             except Exception as exc:
                 for item in group:
                     if not item.done.done():
@@ -184,7 +186,8 @@ class Inbox:
             first.setdefault(item.key, item)
         now = datetime.now(timezone.utc)
         # Plain multi-row INSERTs, not ORM objects: this is /notification's hot path. Keys already stored (here or
-        # by another instance meanwhile) are skipped by the database, which also says which rows are new.
+        # by another instance meanwhile) are skipped by the database, which also says which rows are new; nothing
+        # deletes a notification, so a key skipped is found by the SELECT after the commit.
         async with in_transaction() as connection:
             inserted = await insert_rows(connection, "notification", NOTIFICATION_COLUMNS,
                                          [self._values(item, now) for item in first.values()],
@@ -199,10 +202,6 @@ class Inbox:
             dedupe_key__in=[key for key in first if key not in ids])} if len(ids) < len(first) else {}
         results = []
         for item in group:
-            if item.key not in ids and item.key not in earlier:
-                # Skipped as already stored, yet not found a moment later: store it on its own.
-                results.append(await self._write_one(item))
-                continue
             new = item.key in ids and first[item.key] is item
             if new:
                 self._note(item)
@@ -210,31 +209,12 @@ class Inbox:
                 log.warning("repeated notification differs from the first; the first is kept",
                             extra={"notification": item.key})
             row_id = ids[item.key] if item.key in ids else earlier[item.key].id
-            results.append(Stored(row_id, item.kind, item.rtype, new, new and self._pending(item)))
+            results.append(Stored(row_id, item.kind, item.rtype, new))
         return results
-
-    async def _write_one(self, item: _Pending) -> Stored:
-        now = datetime.now(timezone.utc)
-        try:
-            async with in_transaction():
-                row = await models.Notification.create(**dict(zip(NOTIFICATION_COLUMNS, self._values(item, now))))
-                if (item.kind, item.rtype) == ("resourceCreated", "authorisation"):
-                    await models.Authorisation.get_or_create(id=item.rid.lower(), defaults={
-                        "sage_bank_id": item.extra["bankId"], "received_at": now, "expires_at": now + self.ttl})
-        except IntegrityError:
-            row = await models.Notification.get(dedupe_key=item.key)
-            return Stored(row.id, item.kind, item.rtype, False, False)
-        self._note(item)
-        return Stored(row.id, item.kind, item.rtype, True, self._pending(item))
-
-    @staticmethod
-    def _pending(item: _Pending) -> bool:
-        """Only bank-account events have work to do after the answer; the rest are done once stored."""
-        return item.rtype == "bankAccount" and (item.kind, item.rtype) in KNOWN
 
     def _values(self, item: _Pending, now: datetime) -> tuple[Any, ...]:
         """The row of ``NOTIFICATION_COLUMNS`` for one notification."""
-        pending = self._pending(item)
+        pending = (item.kind, item.rtype) in AFTER_ANSWER
         outcome = "" if pending else "stored" if (item.kind, item.rtype) in KNOWN else "ignored"
         return (item.key, item.kind, item.rtype, item.rid, _encode_json(item.body, None), item.caller, now,
                 None if pending else now, outcome)
@@ -246,7 +226,8 @@ class Inbox:
             log.warning("authorisation for a bank that is not configured", extra={"bank": item.extra["bankId"]})
 
     async def store_webhook(self, provider: str, result: WebhookResult) -> bool:
-        """Store a verified provider webhook's dedupe key; a repeat returns False and does nothing (W2)."""
+        """Store a verified provider webhook's dedupe key and wake the feed; a repeat returns False and does nothing
+        (W2)."""
         key = result.dedupe_key[:200]
         try:
             await models.Notification.create(
@@ -255,6 +236,8 @@ class Inbox:
                 processed_at=datetime.now(timezone.utc), outcome="stored")
         except IntegrityError:
             return False
+        if result.provider_consent_ids and self.on_account_change:
+            await self.on_account_change()
         return True
 
     async def process_pending(self) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -20,9 +24,12 @@ class Metrics:
                                      ["type", "new"], registry=r)
         self.statements = Counter("connector_statements", "Statements by outcome (sent, refused, retried)",
                                   ["outcome"], registry=r)
-        self.sage_throttled = Counter("connector_sage_429", "429 answers from the Sage Provider API", registry=r)
+        self.sage_throttled = _Sage429()
+        r.register(self.sage_throttled)
         self.feed_lag = Gauge("connector_feed_lag_seconds", "Age of the newest transaction delivered, per account",
                               ["bank_account"], registry=r)
+        self.feed_accounts = Gauge("connector_feed_accounts", "Linked accounts by feed state and reason (spec 7.41)",
+                                   ["state", "reason"], registry=r)
         self.provider_errors = Counter("connector_provider_errors", "Provider errors by provider and kind",
                                        ["provider", "kind"], registry=r)
         self.journeys = Counter("connector_journeys", "Journeys by kind and outcome", ["kind", "outcome"],
@@ -30,3 +37,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Sage429(Collector):
+    """``connector_sage_429_total``, read at scrape time from the Sage client's own count, so every 429 counts
+    (PATCH calls as much as statements), in every worker, whether or not it runs the feed."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], int] | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("connector_sage_429", "429 answers from the Sage Provider API")
+        family.add_metric([], self.source() if self.source is not None else 0)
+        yield family

@@ -2,19 +2,27 @@
 
 A provider's answer (a ``next`` link, an error text holding a URL, a redirect) can never make us call another host:
 the session refuses any origin outside its list and never follows redirects.
+
+:func:`origin` and :func:`parse_retry_after` are public: provider plugins compare links and read ``Retry-After`` the
+same way the core does.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import aiohttp
 
 log = logging.getLogger("connector.outbound")
+
+#: A ``Retry-After`` beyond this is clamped: a typo at the far end must not stop the feed for days.
+MAX_RETRY_AFTER = 600.0
 
 
 class ForbiddenOrigin(aiohttp.ClientError):
@@ -25,6 +33,28 @@ def origin(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def parse_retry_after(value: str | None, *, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110 10.2.3); ``None`` if absent or
+    unreadable. Clamped to ``[0, MAX_RETRY_AFTER]``. Fractions are accepted, as lenient parsing costs nothing.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now()).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _origin_guard(allowed: frozenset[str]) -> aiohttp.ClientMiddlewareType:

@@ -11,11 +11,16 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from connector import hookspecs
 from connector.hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, Provider
+from connector.outbound import CoreServices
+
+if TYPE_CHECKING:
+    from connector.config import Settings
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.demobank",
@@ -100,6 +105,26 @@ class Plugins:
             impl.function(register=register)
         self._providers = found
         return found
+
+    def enabled(self, settings: Settings) -> dict[str, type[Provider]]:
+        """The provider classes the config enables, by name (a name no plugin registers is a config problem)."""
+        available = self.providers()
+        return {name: available[name].cls for name in settings.enabled_providers() if name in available}
+
+    def instances(self, settings: Settings) -> dict[str, Provider]:
+        """One instance per enabled provider, given its config table and the core's services."""
+        return {
+            name: cls({k: v for k, v in settings.providers[name].items() if k != "enabled"},
+                      CoreServices(settings.public_url, name))
+            for name, cls in self.enabled(settings).items()
+        }
+
+
+def load_failure(exc: Exception) -> str:
+    """What to tell an operator when plugins could not be loaded: a PluginError names the plugin; anything else (a
+    built-in's import error, a hook implementation pluggy refuses) is named by its type."""
+    return str(exc) if isinstance(exc, PluginError) else \
+        f"provider plugins could not be loaded: {type(exc).__name__}: {exc}"
 
 
 def load_plugins(*, extra: tuple[ModuleType | object, ...] = ()) -> Plugins:

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from connector.plugins import DEFAULT_PLUGINS
+
 TEMPLATE_DIR = Path(__file__).resolve().parent / "scaffold_template"
 NAME = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
-BUILT_IN_NAMES = ("demobank", "connectpay", "powens")
+BUILT_IN_NAMES = tuple(dotted.rsplit(".", 1)[-1] for dotted in DEFAULT_PLUGINS)
 
 
 class ScaffoldError(Exception):

@@ -9,6 +9,7 @@ next N reads), ``lost`` (ActionRequired for a user), ``no_balance``.
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,17 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
+
+from connector.feed import Feed, FeedOptions
 from connector.hookspecs import BankInfo, ConsentSession, Flow, ProviderServices, hookimpl
+from connector.metrics import Metrics
+from connector.outbound import guarded_session
+from connector.plugins import load_plugins
+from connector.sage.client import SageClient
+from connector.sage.ratelimit import Backoff, RateLimiter
 from connector.storage import models
+from connector.testing.fixtures import DEMO_BANK_ID, FAST_FEED
 from connector.types import (
     Account,
     AccountRead,
@@ -179,67 +189,28 @@ def connector_register_providers(register):
 # --- helpers shared by the feed tests ----------------------------------------------------------------------------
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(interval)
-
-
 async def link_accounts(browser, sage_calls, sage, user: str, *, bank_id: str = FEED_BANK_ID,
                         start: date | str | None = None, only: Sequence[int] | None = None) -> list[str]:
     """Walk onboarding for ``user``, then let Sage create a bank account for each account (or those in ``only``);
     return the new bankAccountIds once the connector has stored them."""
-    authorisation_id = await sage_calls.announce(bank_id)
-    page = await browser.get(sage_calls.auth_url(authorisation_id, bank_id=bank_id))
-    assert page.status == 200, page.text
-    if bank_id == FEED_BANK_ID:
-        done = await browser.submit(page, {"User name": user}, button="Sign in")
-    else:
-        page = await browser.submit(page, {"User name": user, "Password": "secret"}, button="Sign in")
-        done = await browser.submit(page, button="Share with Sage")
-    assert done.left_to is not None, done.text
-    patch = next(p for p in reversed(sage.patches) if p.authorisation_id == authorisation_id)
-    external_ids = [a["bankAccountExternalId"] for a in patch.body["data"]["bankAccounts"]]
+    external_ids = (await sage_calls.onboard(browser, user, bank_id=bank_id)).external_ids
     if only is not None:
         external_ids = [external_ids[i] for i in only]
     requested = start if isinstance(start, str) else f"{(start or today() - timedelta(days=60)).isoformat()}T00:00:00Z"
     ids = [await sage_calls.account_created(e, requested_start_date=requested, bank_id=bank_id)
            for e in external_ids]
-    await wait_for(lambda: _count(ids))
+    assert await models.LinkedAccount.filter(bank_account_id__in=ids).count() == len(ids)
     return ids
 
 
-async def _count(ids: list[str]) -> bool:
-    return await models.LinkedAccount.filter(bank_account_id__in=ids).count() == len(ids)
-
-
-
 # --- fixtures (import them into a test module to use them) --------------------------------------------------------
-
-import sys
-
-import pytest
-
-from connector.feed import Feed, FeedOptions
-from connector.metrics import Metrics
-from connector.outbound import guarded_session
-from connector.plugins import load_plugins
-from connector.sage.client import SageClient
-from connector.sage.ratelimit import Backoff, RateLimiter
-from connector.testing.fixtures import DEMO_BANK_ID
 
 BANKS = (
     {"sage_bank_id": DEMO_BANK_ID, "name": "Demo Bank", "provider": "demobank"},
     {"sage_bank_id": FEED_BANK_ID, "name": "Feed Test Bank", "provider": "feedtest"},
 )
 #: Waits shortened so fault tests run in seconds; the rules (order, doubling, caps) are the production ones.
-FAST = {"poll_first": 0.02, "poll_cap": 0.1, "late_poll": 0.2, "failed_backoff": 0.2, "failed_backoff_cap": 1.0,
-        "read_retry": 0.01, "read_retry_cap": 0.05, "read_backoff": 0.3, "read_backoff_cap": 1.0, "lease_ttl": 5.0}
+FAST = {**FAST_FEED, "poll_first": 0.02, "poll_cap": 0.1, "late_poll": 0.2, "lease_ttl": 5.0}
 
 
 @pytest.fixture
@@ -278,6 +249,8 @@ async def make_feed(connector, sage):
                             limiter=limiter or RateLimiter(rate, backoff=Backoff(0.05, 0.5)),
                             backoff_base=0.01, backoff_cap=0.05, read_timeout=read_timeout, connect_timeout=2)
         opts = FeedOptions.from_settings(connector.settings, **{**FAST, **options})
+        if metrics is not None:  # as connector serve wires its own client
+            metrics.sage_throttled.source = lambda: client.stats.throttled
         return Feed(connector.settings, connector.app.ctx.providers, connector.app.ctx.box, client, options=opts,
                     metrics=metrics)
 

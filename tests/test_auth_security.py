@@ -73,22 +73,10 @@ async def stored() -> dict:
     }
 
 
-async def onboard(sage, sage_calls, browser, user: str = "alice", password: str = "pw") -> list[str]:
-    authorisation_id = await sage_calls.announce()
-    page = await browser.get(sage_calls.auth_url(authorisation_id))
-    page = await browser.submit(page, {"User name": user, "Password": password}, button="Sign in")
-    done = await browser.submit(page, button="Share with Sage")
-    assert done.left_to, page.h1
-    return [a["bankAccountExternalId"] for a in sage.patches[-1].body["data"]["bankAccounts"]]
-
-
 async def linked(sage_calls, external_id: str) -> str:
     bank_account_id = await sage_calls.account_created(external_id)
-    for _ in range(500):
-        if await models.LinkedAccount.exists(bank_account_id=bank_account_id):
-            return bank_account_id
-        await asyncio.sleep(0.01)
-    raise AssertionError("the bank account was never linked")
+    assert await models.LinkedAccount.exists(bank_account_id=bank_account_id), "the bank account was never linked"
+    return bank_account_id
 
 
 def valid_params(authorisation_id: str, *, state: str = "s-1", redirect_uri: str = SAGE_REDIRECT,
@@ -198,7 +186,7 @@ async def test_expired_authorisation_id_gets_410_and_is_not_consumed(sage_calls,
 
 
 async def test_used_authorisation_id_gets_410_on_auth_and_authrefresh(sage, sage_calls, http, browser):
-    external_id, _ = await onboard(sage, sage_calls, browser)
+    external_id, _ = (await sage_calls.onboard(browser)).external_ids
     authorisation_id = await sage_calls.announce()
     params = list(valid_params(authorisation_id).items())
     page, _ = await fetch(http, auth_url(sage_calls, params))
@@ -236,7 +224,7 @@ async def test_other_methods_get_a_405_page(sage_calls, http, method, path):
 
 
 async def test_authrefresh_mismatches_get_403_and_consume_nothing(sage, sage_calls, http, browser):
-    external_id, _ = await onboard(sage, sage_calls, browser)
+    external_id, _ = (await sage_calls.onboard(browser)).external_ids
     bank_account_id = await linked(sage_calls, external_id)
     authorisation_id = await sage_calls.announce(DEMO_BANK_ID)
     other_bank_authorisation = await sage_calls.announce(OTHER_BANK_ID)
@@ -268,14 +256,11 @@ async def test_authrefresh_mismatches_get_403_and_consume_nothing(sage, sage_cal
 
 
 async def test_authrefresh_for_an_offboarded_consent_gets_403(sage, sage_calls, http, browser):
-    first, second = await onboard(sage, sage_calls, browser)
+    first, second = (await sage_calls.onboard(browser)).external_ids
     for external_id in (first, second):
         bank_account_id = await linked(sage_calls, external_id)
         await sage_calls.account_deleted(bank_account_id, external_id)
-    for _ in range(500):
-        if (await models.Consent.get(accounts__external_id=first)).status == "revoked":
-            break
-        await asyncio.sleep(0.01)
+    assert (await models.Consent.get(accounts__external_id=first)).status == "revoked"
     authorisation_id = await sage_calls.announce()
     params = [*valid_params(authorisation_id).items(), ("externalId", first)]
     page, _ = await fetch(http, auth_url(sage_calls, params, "/authrefresh"))
@@ -339,7 +324,7 @@ async def test_refused_redirect_uri_gets_an_error_page_with_no_way_to_it(sage_ca
 
 async def test_loopback_http_redirect_is_refused_unless_allowed(sage, connector_factory, http):
     strict = await connector_factory(extra={"security": {"allow_loopback_redirects": False}})
-    calls = SageCalls(sage, strict.endpoints, strict.url, http)
+    calls = SageCalls.for_connector(sage, strict, http)
     authorisation_id = await calls.announce()
     for probe in (calls.redirect_uri(), "http://localhost/r", "http://[::1]/r", "https://127.0.0.1/r"):
         page, headers = await fetch(http, auth_url(calls, list(valid_params(authorisation_id,
@@ -353,7 +338,7 @@ async def test_loopback_http_redirect_is_refused_unless_allowed(sage, connector_
 async def test_only_configured_hosts_are_accepted(sage, connector_factory, http):
     strict = await connector_factory(extra={"security": {"allow_loopback_redirects": False,
                                                          "redirect_hosts": ["money.sage.com", "*.sagebankdrive.com"]}})
-    calls = SageCalls(sage, strict.endpoints, strict.url, http)
+    calls = SageCalls.for_connector(sage, strict, http)
     unknown = str(uuid.uuid4())  # an unannounced id: the 403 page shows where "Back to Sage" would go
     accepted = {
         "https://money.sage.com/p?a=1": "https://money.sage.com/p?a=1&state=s-1",
@@ -430,7 +415,7 @@ async def test_markup_in_a_provider_callback_is_not_echoed(sage_calls, http):
 
 async def test_many_unknown_ids_from_one_ip_get_429(sage, connector_factory, http):
     limited = await connector_factory(extra={"security": {"max_failed_lookups": 5}})
-    calls = SageCalls(sage, limited.endpoints, limited.url, http)
+    calls = SageCalls.for_connector(sage, limited, http)
     real = await calls.announce()
     statuses = []
     for _ in range(8):
@@ -449,7 +434,7 @@ async def test_many_unknown_ids_from_one_ip_get_429(sage, connector_factory, htt
 
 async def test_forwarded_for_does_not_change_the_throttle_bucket(sage, connector_factory, http):
     limited = await connector_factory(extra={"security": {"max_failed_lookups": 2}})
-    calls = SageCalls(sage, limited.endpoints, limited.url, http)
+    calls = SageCalls.for_connector(sage, limited, http)
     statuses = []
     for i in range(4):
         page, _ = await fetch(http, auth_url(calls, list(valid_params(str(uuid.uuid4())).items())),
@@ -623,7 +608,7 @@ async def stored_bytes(url: str) -> bytes:
 
 async def test_unknown_journey_handles_and_callback_states_are_throttled_too(sage, connector_factory, http):
     limited = await connector_factory(extra={"security": {"max_failed_lookups": 3}})
-    calls = SageCalls(sage, limited.endpoints, limited.url, http)
+    calls = SageCalls.for_connector(sage, limited, http)
     own, _ = await start(calls, http)
     guesses = [("GET", f"{limited.url}/journey/{'a' * 43}"), ("POST", f"{limited.url}/journey/{'b' * 43}"),
                ("GET", f"{limited.url}/providers/demobank/callback?state={'c' * 43}"),

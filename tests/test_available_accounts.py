@@ -4,7 +4,6 @@ that it lists every account of the consent exactly as the onboarding PATCH named
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -35,14 +34,6 @@ async def call(sage_calls, query: str | None, token: str | None = None, *, autho
         return resp.status, await resp.json(), resp.headers
 
 
-async def onboard(sage, sage_calls, browser, user: str) -> list[dict]:
-    authorisation_id = await sage_calls.announce()
-    page = await browser.get(sage_calls.auth_url(authorisation_id))
-    page = await browser.submit(page, {"User name": user, "Password": "pw"}, button="Sign in")
-    assert (await browser.submit(page, button="Share with Sage")).left_to
-    return sage.patches[-1].body["data"]["bankAccounts"]
-
-
 def expected(patched: list[dict]) -> list[dict]:
     """What Sage should get back: the PATCH's own values, keyed as spec 2.8 names them."""
     return [{"accountType": t, "accountName": a["accountName"], "externalId": a["bankAccountExternalId"],
@@ -51,8 +42,8 @@ def expected(patched: list[dict]) -> list[dict]:
 
 
 async def test_valid_external_id_gets_every_account_of_its_consent(sage, sage_calls, browser):
-    alice = await onboard(sage, sage_calls, browser, "alice")
-    bob = await onboard(sage, sage_calls, browser, "bob")
+    alice = (await sage_calls.onboard(browser, "alice")).bank_accounts
+    bob = (await sage_calls.onboard(browser, "bob")).bank_accounts
     token = sage.identity.provider_api_token()
     for account in alice:
         status, body, _ = await call(sage_calls, f"externalId={account['bankAccountExternalId']}", token)
@@ -68,7 +59,7 @@ async def test_valid_external_id_gets_every_account_of_its_consent(sage, sage_ca
 
 
 async def test_already_linked_accounts_are_still_listed(sage, sage_calls, browser):
-    accounts = await onboard(sage, sage_calls, browser, "carol")
+    accounts = (await sage_calls.onboard(browser, "carol")).bank_accounts
     await sage_calls.account_created(accounts[0]["bankAccountExternalId"])
     status, body, _ = await call(sage_calls, f"externalId={accounts[1]['bankAccountExternalId']}",
                                  sage.identity.provider_api_token())
@@ -76,7 +67,8 @@ async def test_already_linked_accounts_are_still_listed(sage, sage_calls, browse
 
 
 async def test_stored_list_is_served_when_the_provider_cannot_answer(sage, sage_calls, browser):
-    accounts = await onboard(sage, sage_calls, browser, "expire")  # Demo Bank: the consent is lost at the next read
+    # Demo Bank: the consent is lost at the next read
+    accounts = (await sage_calls.onboard(browser, "expire")).bank_accounts
     status, body, _ = await call(sage_calls, f"externalId={accounts[0]['bankAccountExternalId']}",
                                  sage.identity.provider_api_token())
     assert (status, body) == (200, expected(accounts))
@@ -91,33 +83,28 @@ async def test_missing_empty_or_repeated_external_id_gets_400(sage, sage_calls, 
 
 @pytest.mark.parametrize("value", [str(uuid.uuid4()), "x", "a" * 37, "a" * 200, "%00", "' OR 1=1 --", "%2e%2e%2f"])
 async def test_unknown_external_id_gets_404(sage, sage_calls, browser, value):
-    await onboard(sage, sage_calls, browser, "dan")
+    await sage_calls.onboard(browser, "dan")
     status, body, _ = await call(sage_calls, f"externalId={value}", sage.identity.provider_api_token())
     assert (status, body["error"]) == (404, "unknown_external_id")
 
 
 async def test_offboarded_consent_gets_404(sage, sage_calls, browser):
-    accounts = await onboard(sage, sage_calls, browser, "erin")
+    accounts = (await sage_calls.onboard(browser, "erin")).bank_accounts
     token = sage.identity.provider_api_token()
     ids = [a["bankAccountExternalId"] for a in accounts]
     links = [await sage_calls.account_created(external_id) for external_id in ids]
-    while await models.LinkedAccount.filter(bank_account_id__in=links).count() < 2:
-        await asyncio.sleep(0.01)  # linked (after the answer) before Sage deletes them
+    assert await models.LinkedAccount.filter(bank_account_id__in=links).count() == 2  # before Sage deletes them
     for bank_account_id, external_id in zip(links, ids):
         await sage_calls.account_deleted(bank_account_id, external_id)
-    for _ in range(500):
-        consent = await models.Consent.get(accounts__external_id=ids[0])
-        if consent.status == "revoked":
-            break
-        await asyncio.sleep(0.01)
-    assert consent.secrets_sealed is None
+    consent = await models.Consent.get(accounts__external_id=ids[0])
+    assert consent.status == "revoked" and consent.secrets_sealed is None
     for external_id in ids:
         status, body, _ = await call(sage_calls, f"externalId={external_id}", token)
         assert (status, body["error"]) == (404, "unknown_external_id")
 
 
 async def test_tokens_are_checked_like_on_notification(sage, sage_calls, browser):
-    [account, _] = await onboard(sage, sage_calls, browser, "finn")
+    [account, _] = (await sage_calls.onboard(browser, "finn")).bank_accounts
     query = f"externalId={account['bankAccountExternalId']}"
     ident = sage.identity
     now = int(time.time())

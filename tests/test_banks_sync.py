@@ -9,8 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from connector.feed.testing import write_config
-from connector.testing.connector import SageEndpoints, connector_config
+from connector.testing.connector import SageEndpoints, connector_config, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 AGGREGATOR = "0b9f6d2e-4c1a-4e57-9a3b-6d8c2f1e0a74"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import copy
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -23,6 +22,7 @@ from connector.config import ConfigError, Problem, check_settings, load_settings
 from connector.config.schema import SAGE_PRESETS
 from connector.hookspecs import hookimpl
 from connector.plugins import PluginError, Plugins, load_plugins
+from connector.testing.connector import to_toml
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BANK_ID = "10aaeee6-4691-4443-8198-df39aaa8007c"
@@ -98,41 +98,12 @@ def settings_of(cfg: dict[str, Any], env: dict[str, str] | None = None):
 # --- TOML writing, for the files the subprocess tests read -------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(value)
-
-
-def to_toml(cfg: dict[str, Any]) -> str:
-    lines: list[str] = []
-    for section, body in cfg.items():
-        if section == "providers":
-            for name, table in body.items():
-                lines.append(f"[providers.{name}]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        elif section == "banks":
-            for bank in body:
-                lines.append("[[banks]]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in bank.items()]
-        else:
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
-    return "\n".join(lines) + "\n"
-
-
 def test_toml_writer_round_trips() -> None:
     import tomllib
 
     assert tomllib.loads(to_toml(BASE)) == BASE
+    awkward = {"server": {"public_url": 'a "quoted" \\ back\nslash\ttab\x7f\x01 é 😀'}}
+    assert tomllib.loads(to_toml(awkward)) == awkward
 
 
 # --- A valid file, and TOML syntax -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 
 from connector.config import parse_settings
 from connector.security.crypto import VERSION, SecretBox, SecretError, key_id, new_key
+from connector.testing.connector import write_config
 from connector.testing.fixtures import DEMO_BANK_ID, SageCalls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,41 +207,15 @@ def rotate_keys(config: Path, env: dict[str, str]) -> subprocess.CompletedProces
 
 
 def write_rotation_config(path: Path, db: Path, keys: list[str]) -> Path:
-    names = ", ".join(f'"${{{k}}}"' for k in keys)
-    path.write_text(f"""
-[server]
-public_url = "http://127.0.0.1:8080"
-
-[database]
-url = "sqlite://{db}"
-
-[security]
-encryption_keys = [{names}]
-
-[sage]
-client_id = "x"
-client_secret = "y"
-api_key = "z"
-notification_header = {{ name = "X-Connector-Key", value = "{'v' * 32}" }}
-
-[providers.demobank]
-
-[[banks]]
-sage_bank_id = "{DEMO_BANK_ID}"
-name = "Demo Bank"
-provider = "demobank"
-""")
-    return path
-
-
-async def link(sage_calls: SageCalls, browser, user: str, *, finish: bool = True) -> None:
-    authorisation_id = await sage_calls.announce()
-    page = await browser.get(sage_calls.auth_url(authorisation_id))
-    page = await browser.submit(page, {"User name": user, "Password": "pw"}, button="Sign in")
-    if finish:
-        assert page.h1 == "Choose the accounts to share with Sage"
-        done = await browser.submit(page, button="Share with Sage")
-        assert done.left_to is not None
+    return write_config(path, {
+        "server": {"public_url": "http://127.0.0.1:8080"},
+        "database": {"url": f"sqlite://{db}"},
+        "security": {"encryption_keys": [f"${{{k}}}" for k in keys]},
+        "sage": {"client_id": "x", "client_secret": "y", "api_key": "z",
+                 "notification_header": {"name": "X-Connector-Key", "value": "v" * 32}},
+        "providers": {"demobank": {}},
+        "banks": [{"sage_bank_id": DEMO_BANK_ID, "name": "Demo Bank", "provider": "demobank"}],
+    })
 
 
 async def test_rotate_keys_moves_every_sealed_column_to_the_first_key(
@@ -252,10 +227,11 @@ async def test_rotate_keys_moves_every_sealed_column_to_the_first_key(
     # Key A: link two people through the running connector, and leave a third journey half way (at the code form).
     connector = await connector_factory(database=f"sqlite://{db}",
                                         extra={"security": {"encryption_keys": [b64(KEY_A)]}})
-    calls = SageCalls(sage, connector.endpoints, connector.url, http)
-    await link(calls, browser, "alice")
-    await link(calls, browser, "bob")
-    await link(calls, browser, "otp", finish=False)
+    calls = SageCalls.for_connector(sage, connector, http)
+    await calls.onboard(browser, "alice")
+    await calls.onboard(browser, "bob")
+    page = await browser.get(calls.auth_url(await calls.announce()))
+    await browser.submit(page, {"User name": "otp", "Password": "pw"}, button="Sign in")
     await connector.stop()
 
     before = sealed_values(db)
@@ -313,9 +289,9 @@ async def test_rotate_keys_reports_a_misplaced_ciphertext_and_moves_the_rest(
     db = tmp_path / "connector.sqlite3"
     connector = await connector_factory(database=f"sqlite://{db}",
                                         extra={"security": {"encryption_keys": [b64(KEY_A)]}})
-    calls = SageCalls(sage, connector.endpoints, connector.url, http)
-    await link(calls, browser, "carol")
-    await link(calls, browser, "dave")
+    calls = SageCalls.for_connector(sage, connector, http)
+    await calls.onboard(browser, "carol")
+    await calls.onboard(browser, "dave")
     await connector.stop()
 
     with sqlite3.connect(db) as conn:  # copy one consent's ciphertext into the other row (S3)

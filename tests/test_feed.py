@@ -19,12 +19,12 @@ from feed_provider import (  # noqa: F401 - fixtures
     make_feed,
     plugins,
     today,
-    wait_for,
     world,
 )
 
 from connector.feed.statements import UNIQUE_ID_NAMESPACE
 from connector.storage import models
+from connector.testing.connector import eventually
 from connector.testing.fixtures import DEMO_BANK_ID
 from plugins.demobank import mapping as demo
 
@@ -34,13 +34,9 @@ def connector_extra():
     return {"sage": {"statement_batch_size": 10}}
 
 
-def statements_for(sage, bank_account_id: str) -> list[dict]:
-    return [s["data"] for s in sage.statements if s["data"]["principalId"] == bank_account_id]
-
-
 def check_chain(sage, bank_account_id: str, final_balance: Decimal, batch_size: int = 10) -> list[dict]:
     """Every rule we promise, on top of the emulator's: sizes, spans, order, balances chaining to today's balance."""
-    sent = [s for s in statements_for(sage, bank_account_id) if s["transactionDetails"]]
+    sent = [s for s in sage.statements_for(bank_account_id) if s["transactionDetails"]]
     assert sent
     previous_balance = None
     previous_last = None
@@ -140,7 +136,7 @@ async def test_each_run_reads_only_what_is_new(sage, sage_calls, browser, make_f
     assert report.ok
     read = world.reads[-1]
     assert read["sync_point"] == "30" and read["returned"] == 4  # the two new ones plus a re-read overlap of two
-    last = statements_for(sage, bank_account_id)[-1]
+    last = sage.statements_for(bank_account_id)[-1]
     assert [t["transactionAmount"] for t in last["transactionDetails"]] == [Decimal("-4.20"), Decimal("12.00")]
     assert last["transactionDetails"][1]["description"] == "Refund from shop"
     assert last["accountDetails"][0]["balances"]["ledgerBalance"] == world.books[account.provider_account_id].balance()
@@ -184,10 +180,10 @@ async def test_late_future_removed_and_missing_balance(sage, sage_calls, browser
     normal = world.add(pid, today(), "3.00")
     report = await feed.run_once()
     assert report.ok
-    late_stmt, normal_stmt = statements_for(sage, bank_account_id)[-2:]
+    late_stmt, normal_stmt = sage.statements_for(bank_account_id)[-2:]
     assert [t["datePosted"][:10] for t in late_stmt["transactionDetails"]] == [late.booking_date.isoformat()]
     assert late_stmt["accountDetails"][0]["balances"]["ledgerBalanceDate"] >= \
-        statements_for(sage, bank_account_id)[-3]["transactionDetails"][-1]["datePosted"]
+        sage.statements_for(bank_account_id)[-3]["transactionDetails"][-1]["datePosted"]
     assert [t["datePosted"][:10] for t in normal_stmt["transactionDetails"]] == [normal.booking_date.isoformat()]
     # The tomorrow-dated transaction waits; the balance sent is today's balance without it.
     assert normal_stmt["accountDetails"][0]["balances"]["ledgerBalance"] == book.balance() - future.amount
@@ -212,9 +208,9 @@ async def test_a_second_bank_account_for_the_same_account_gets_its_history_again
     # Reconnected (or linked in a second Sage company): a new bankAccountId for the same externalId.
     second = await sage_calls.account_created(external_id, requested_start_date=f"{start.isoformat()}T00:00:00Z",
                                               bank_id=FEED_BANK_ID)
-    await wait_for(lambda: models.LinkedAccount.exists(bank_account_id=second))
+    assert await models.LinkedAccount.exists(bank_account_id=second)
     await sage_calls.account_deleted(first, external_id, bank_id=FEED_BANK_ID)
-    await wait_for(lambda: models.LinkedAccount.exists(bank_account_id=first, deleted_at__isnull=False))
+    assert await models.LinkedAccount.exists(bank_account_id=first, deleted_at__isnull=False)
     world.add(account.provider_account_id, today(), "-2.50")
     report = await feed.run_once()
     assert report.ok and first not in report.outcomes
@@ -259,7 +255,7 @@ async def test_consent_lost_sends_one_auth_required_per_account_then_catches_up(
                     for a in accounts]
     third = await sage_calls.account_created(external_ids[2], requested_start_date=f"{start.isoformat()}T00:00:00Z",
                                              bank_id=FEED_BANK_ID)
-    await wait_for(lambda: models.LinkedAccount.exists(bank_account_id=third))
+    assert await models.LinkedAccount.exists(bank_account_id=third)
     reads = len(world.reads)
     report = await feed.run_once()
     assert not report.ok and len(world.reads) == reads  # no provider reads while the consent is lost
@@ -279,7 +275,7 @@ async def test_consent_lost_sends_one_auth_required_per_account_then_catches_up(
     for account_id, tx in zip(first_two, missed):
         got = sage.transactions_by_account[account_id]
         assert len(got) == len(set(got)) == 6
-        assert statements_for(sage, account_id)[-1]["accountDetails"][0]["status"] == "active"
+        assert sage.statements_for(account_id)[-1]["accountDetails"][0]["status"] == "active"
     assert len(sage.transactions_by_account[third]) == 5  # its history, after the consent came back
     assert len([s for s in sage.statements if s["data"]["accountDetails"][0]["status"] == "authRequired"]) == 3
 
@@ -295,7 +291,7 @@ async def test_deleted_account_stops_and_the_last_one_offboards_the_consent(
     sage.processing_polls = 10_000  # the first statement stays in flight
     feed = make_feed(batch_size=10)
     run = asyncio.create_task(feed.run_once())
-    await wait_for(lambda: _async(bool(sage.statements)))
+    await eventually(lambda: sage.statements)
     external_id = (await models.Account.get(provider_account_id=account.provider_account_id)).external_id
     await sage_calls.account_deleted(bank_account_id, external_id, bank_id=FEED_BANK_ID)
     report = await asyncio.wait_for(run, 10)
@@ -312,7 +308,3 @@ async def test_deleted_account_stops_and_the_last_one_offboards_the_consent(
     sage.processing_polls = 0
     report = await feed.run_once()
     assert report.outcomes == {} and len(sage.statements) == 1
-
-
-async def _async(value):
-    return value

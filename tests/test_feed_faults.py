@@ -15,14 +15,15 @@ from feed_provider import (  # noqa: F401 - fixtures
     make_feed,
     plugins,
     today,
-    wait_for,
     world,
 )
 
 from connector.feed import admin
+from connector.feed.lease import Lease
 from connector.metrics import Metrics
 from connector.sage.ratelimit import Backoff, RateLimiter
 from connector.storage import models
+from connector.testing.connector import eventually
 
 
 async def setup(world: World, browser, sage_calls, sage, user: str, *, accounts: int = 1, days: int = 15,
@@ -40,14 +41,10 @@ def exactly_once(sage, world: World, ids: list[str], user: str) -> None:
         assert len(got) == len(set(got)) == len(world.books[account.provider_account_id].present())
 
 
-async def metric(feed, sample: str) -> float:
-    """One sample of the feed's Prometheus metrics, as ``/metrics`` renders it after a round; 0 when absent."""
+async def metric(feed, name: str, **labels: str) -> float:
+    """One sample of the feed's Prometheus metrics as ``/metrics`` shows it after a round; 0 when absent."""
     await feed.export_states()
-    for line in feed.metrics.render().decode().splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == sample:
-            return float(value)
-    return 0.0
+    return feed.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def max_in_flight(sage) -> int:
@@ -86,7 +83,7 @@ async def test_a_429_storm_is_sat_out(sage, sage_calls, browser, make_feed, worl
     assert sage.count_429 == 12 and feed.sage.stats.throttled == 12
     sent = sum(1 for s in sage.statements if s["data"]["principalId"] in ids)
     assert await metric(feed, "connector_sage_429_total") == 12
-    assert await metric(feed, 'connector_statements_total{outcome="sent"}') == sent
+    assert await metric(feed, "connector_statements_total", outcome="sent") == sent
     exactly_once(sage, world, ids, "storm")
 
 
@@ -120,7 +117,7 @@ async def test_a_timeout_resends_the_same_statement(sage, sage_calls, browser, m
     report = await feed.run_once()
     assert report.ok, report.lines()
     assert feed.sage.stats.timeouts >= 1
-    await wait_for(lambda: _value(sage.replayed_statements >= 1))  # the slow original arrived after the resend
+    await eventually(lambda: sage.replayed_statements >= 1)  # the slow original arrived after the resend
     exactly_once(sage, world, ids, "slow")
 
 
@@ -129,7 +126,7 @@ async def test_the_token_expiring_mid_run(sage, sage_calls, browser, make_feed, 
     sage.processing_polls = 2
     feed = make_feed(batch_size=10)
     run = asyncio.create_task(feed.run_once())
-    await wait_for(lambda: _value(len(sage.statements) >= 1))
+    await eventually(lambda: len(sage.statements) >= 1)
     tokens = sage.token_requests
     sage.expire_tokens()
     report = await asyncio.wait_for(run, 10)
@@ -157,7 +154,7 @@ async def test_the_provider_down(sage, sage_calls, browser, make_feed, world):
     report = await feed.run_once()  # still within the backoff: no read, nothing sent, still failing
     assert not report.ok and len(world.reads) == reads and len(sage.statements) == sent
     # Two failures in the first run, three (read_attempts) in the second: each failed read is counted.
-    assert await metric(feed, 'connector_provider_errors_total{kind="temporary",provider="feedtest"}') == 5
+    assert await metric(feed, "connector_provider_errors_total", kind="temporary", provider="feedtest") == 5
 
     world.down = 0
     await asyncio.sleep(0.35)
@@ -172,8 +169,8 @@ async def test_a_refused_statement_holds_its_account_only(sage, sage_calls, brow
     feed = make_feed(parallel_accounts=1, metrics=Metrics())
     report = await feed.run_once()
     assert not report.ok
-    assert await metric(feed, 'connector_statements_total{outcome="refused"}') == 1
-    assert await metric(feed, 'connector_feed_accounts{reason="statement_rejected",state="held"}') == 1
+    assert await metric(feed, "connector_statements_total", outcome="refused") == 1
+    assert await metric(feed, "connector_feed_accounts", reason="statement_rejected", state="held") == 1
     held = report.outcomes[first]
     assert (held.state, held.reason) == ("held", "statement_rejected")
     assert "balance_mismatch" in held.error and "HTTP 400" in held.error
@@ -216,7 +213,7 @@ async def test_a_failed_statement_is_resent_after_backoff(sage, sage_calls, brow
     sage.fail_statements([{"code": "processing_error", "message": "try again"}], count=1)
     feed = make_feed(batch_size=10, metrics=Metrics())
     report = await feed.run_once()
-    assert await metric(feed, 'connector_statements_total{outcome="retried"}') == 1
+    assert await metric(feed, "connector_statements_total", outcome="retried") == 1
     outcome = report.outcomes[bank_account_id]
     assert (outcome.state, outcome.reason) == ("failing", "statement_failed")
     assert "processing_error: try again" in outcome.error
@@ -258,5 +255,27 @@ async def test_an_answer_without_an_id_is_not_resent(sage, sage_calls, browser, 
     assert len(sage.requests_to("/v1/statements", "POST")) == 1
 
 
-async def _value(value):
-    return value
+async def test_a_process_without_the_lease_does_not_spin_when_woken(make_feed):
+    """Every worker of ``serve --workers N`` runs the feed loop and is woken by what it receives; only the lease
+    holder works, and the others must go on waiting calmly, not retry the lease in a loop."""
+    holder = Lease(60)
+    assert await holder.acquire()
+    attempts = 0
+
+    class Counting(Lease):
+        async def acquire(self) -> bool:
+            nonlocal attempts
+            attempts += 1
+            return await super().acquire()
+
+    feed = make_feed(lease_ttl=3)
+    feed.lease = Counting(3)
+    loop = asyncio.create_task(feed.run_forever())
+    await asyncio.sleep(0.1)
+    for _ in range(3):
+        await feed.wake()
+        await asyncio.sleep(0.1)
+    feed.stop()
+    await asyncio.wait_for(loop, 5)
+    assert 1 <= attempts <= 5  # one at start, at most one per wake-up: not thousands
+    await holder.release()

@@ -12,12 +12,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from feed_provider import link_accounts, wait_for
+from feed_provider import link_accounts
 
 from connector.feed import status
 from connector.feed.lease import Lease, current_holder
-from connector.feed.testing import settings_to_config, write_config
+from connector.feed.testing import settings_to_config
 from connector.storage import models
+from connector.testing.connector import eventually, write_config
 from connector.testing.fixtures import DEMO_BANK_ID, DEMO_BANKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ async def test_killed_while_polling_then_restarted(sage, sage_calls, browser, co
         return ({s["data"]["principalId"] for s in sage.statements} == set(ids)
                 and await models.FeedStatement.filter(status="accepted").count() == 2)
 
-    await wait_for(both_in_flight, timeout=20)
+    await eventually(both_in_flight, timeout=20)
     await kill(proc)
     accepted = await models.FeedStatement.filter(status="accepted").count()
     assert accepted == 2  # the id Sage gave was stored before the process died
@@ -94,12 +95,12 @@ async def test_killed_while_a_post_hangs_then_restarted(sage, sage_calls, browse
     sage.processing_polls = 0
     sage.delay_next(3.0, count=1, path_prefix="/v1/statements")
     proc = await start_background("feed", "run", "--once", "--config", str(config_file))
-    await wait_for(lambda: _value(len(sage.requests_to("/v1/statements", "POST")) == 1), timeout=20)
+    await eventually(lambda: len(sage.requests_to("/v1/statements", "POST")) == 1, timeout=20)
     await kill(proc)  # the POST is at Sage; whether it was accepted is unknown to us
 
     code, out, err = await cli("feed", "run", "--once", "--config", str(config_file))
     assert code == 0, out + err
-    await wait_for(lambda: _value(sage.replayed_statements == 1), timeout=5)  # the original landed after the resend
+    await eventually(lambda: sage.replayed_statements == 1, timeout=5)  # the original landed after the resend
     posts = [r.body for r in sage.requests_to("/v1/statements", "POST")]
     assert posts[0] == posts[1]  # the same bytes, resent
     assert_all_once(sage, [bank_account_id])
@@ -123,7 +124,7 @@ async def test_feed_run_until_stopped(sage, sage_calls, browser, config_file):
                                             start="2020-01-01T00:00:00Z")
     sage.processing_polls = 0
     proc = await start_background("feed", "run", "--config", str(config_file))
-    await wait_for(lambda: _value(len(sage.transactions_by_account.get(bank_account_id, [])) == HISTORY), timeout=20)
+    await eventually(lambda: len(sage.transactions_by_account.get(bank_account_id, [])) == HISTORY, timeout=20)
     assert await current_holder() is not None
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 10) == 0
@@ -190,7 +191,3 @@ async def test_status_shows_consent_expiry_and_lag(sage, sage_calls, browser, co
     await models.Consent.filter(id=link.account.consent_id).update(expires_at=now - timedelta(days=1))
     [row] = await status.collect(connector.settings, now=now)
     assert row.consent_expires.endswith("(expired)")
-
-
-async def _value(value):
-    return value

@@ -12,11 +12,11 @@ from feed_provider import (  # noqa: F401 - fixtures
     link_accounts,
     plugins,
     today,
-    wait_for,
     world,
 )
 
 from connector.storage import models
+from connector.testing.connector import eventually
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ async def test_a_linked_account_is_fed_at_once(sage, sage_calls, browser, world,
         return len(sage.transactions_by_account.get(bank_account_id, [])) == 6 and await models.LinkedAccount.exists(
             bank_account_id=bank_account_id, feed_state="live")
 
-    await wait_for(fed, timeout=10)
+    await eventually(fed, timeout=10)
     assert connector.app.ctx.feed.lease.held
 
     async def metrics():
@@ -42,10 +42,10 @@ async def test_a_linked_account_is_fed_at_once(sage, sage_calls, browser, world,
             text = await resp.text()
         return text if 'connector_feed_accounts{reason="",state="live"} 1.0' in text else None
 
-    text = await wait_for(metrics, timeout=5)  # spec 7.41: feed states in the metrics
+    text = await eventually(metrics, timeout=5)  # spec 7.41: feed states in the metrics
     assert 'connector_statements_total{outcome="sent"} 1.0' in text
     assert f'connector_feed_lag_seconds{{bank_account="{bank_account_id}"}}' in text
     # Deleted in Sage: the feed is woken, and the account is stopped for good.
     external_id = (await models.Account.get(provider_account_id=account.provider_account_id)).external_id
     await sage_calls.account_deleted(bank_account_id, external_id, bank_id=FEED_BANK_ID)
-    await wait_for(lambda: models.LinkedAccount.exists(bank_account_id=bank_account_id, feed_state="stopped"))
+    await eventually(lambda: models.LinkedAccount.exists(bank_account_id=bank_account_id, feed_state="stopped"))

@@ -163,11 +163,7 @@ async def test_a_crash_behind_a_page_is_a_plain_500_page(sage_calls, http):
 
 
 async def test_a_crash_behind_availableaccounts_is_a_plain_500_json(sage, sage_calls, browser, http):
-    authorisation_id = await sage_calls.announce()
-    page = await browser.get(sage_calls.auth_url(authorisation_id))
-    page = await browser.submit(page, {"User name": "ivy", "Password": "pw"}, button="Sign in")
-    assert (await browser.submit(page, button="Share with Sage")).left_to
-    external_id = sage.patches[0].body["data"]["bankAccounts"][0]["bankAccountExternalId"]
+    external_id = (await sage_calls.onboard(browser, "ivy")).external_ids[0]
     await models.Account.filter(external_id=external_id).update(account_identifier_sealed=b"\x01broken")
     status, headers, body = await request(http, "GET", f"{sage_calls.connector_url}/availableaccounts?"
                                           f"externalId={external_id}",

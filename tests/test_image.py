@@ -14,12 +14,12 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from connector.feed.testing import write_config
 from connector.testing.connector import (
     SageEndpoints,
     connector_config,
     free_port,
     wait_until_ready,
+    write_config,
 )
 from connector.testing.fixtures import DEMO_BANKS, SageCalls
 

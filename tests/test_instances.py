@@ -22,12 +22,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
-from feed_provider import wait_for
 
 from connector.feed.lease import current_holder
-from connector.feed.testing import write_config
 from connector.storage import close_database, models, open_database
-from connector.testing.connector import SageEndpoints, connector_config, free_port, wait_until_ready
+from connector.testing.connector import (
+    SageEndpoints,
+    connector_config,
+    eventually,
+    free_port,
+    wait_until_ready,
+    write_config,
+)
 from connector.testing.fixtures import DEMO_BANK_ID, DEMO_BANKS, POSTGRES_ENV, SageCalls
 
 pytestmark = pytest.mark.skipif(not os.environ.get(POSTGRES_ENV),
@@ -142,7 +147,7 @@ async def test_the_same_notification_on_both_instances_at_once(instances, sage, 
         assert await models.Authorisation.filter(id=authorisation_id).count() == 1
 
     # A bank account linked: one row, acted on once (one link, outcome "linked", never "already_linked").
-    external_id = await _onboard(a, sage, browser, "alice", only=0)
+    external_id = (await a.calls.onboard(browser, "alice")).external_ids[0]
     bank_account_id = str(uuid.uuid4())
     body = {"type": "resourceCreated", "resource": {"id": bank_account_id, "type": "bankAccount", "url": ""},
             "additionalData": {"externalId": external_id, "bankId": DEMO_BANK_ID,
@@ -154,7 +159,7 @@ async def test_the_same_notification_on_both_instances_at_once(instances, sage, 
     async def processed() -> bool:
         return await models.Notification.filter(dedupe_key=key, processed_at__isnull=False).exists()
 
-    await wait_for(processed, timeout=10)
+    await eventually(processed, timeout=10)
     [row] = await models.Notification.filter(dedupe_key=key)
     assert row.outcome == "linked"
     assert await models.LinkedAccount.filter(bank_account_id=bank_account_id).count() == 1
@@ -179,14 +184,14 @@ async def test_the_feed_leader_killed_mid_statement_the_other_takes_over(instanc
     a, b = instances
     by_pid = {a.pid: a, b.pid: b}
     sage.processing_polls = 10_000  # the first statement of each account stays in flight
-    external_ids = await _onboard(a, sage, browser, "alice")
+    external_ids = (await a.calls.onboard(browser, "alice")).external_ids
     ids = [await a.calls.account_created(e, requested_start_date="2020-01-01T00:00:00Z") for e in external_ids]
 
     async def in_flight() -> bool:
         return ({s["data"]["principalId"] for s in sage.statements} == set(ids)
                 and len(sage.requests_to("/v1/statements/", "GET")) >= 2)
 
-    await wait_for(in_flight, timeout=30)
+    await eventually(in_flight, timeout=30)
     leader = by_pid[await _holder_pid()]
     survivor = b if leader is a else a
     assert await models.FeedStatement.filter(status="accepted").count() == 2
@@ -198,14 +203,14 @@ async def test_the_feed_leader_killed_mid_statement_the_other_takes_over(instanc
     async def taken_over() -> bool:
         return await _holder_pid() == survivor.pid
 
-    await wait_for(taken_over, timeout=LEASE_SECONDS + 2, interval=0.05)
+    await eventually(taken_over, timeout=LEASE_SECONDS + 2, interval=0.05)
     assert time.monotonic() - killed_at <= LEASE_SECONDS + 2
 
     async def delivered() -> bool:  # at Sage, and known to be complete here
         return all(len(sage.transactions_by_account.get(i, [])) >= HISTORY for i in ids) \
             and await models.FeedStatement.filter(status="complete").count() >= 3 * len(ids)
 
-    await wait_for(delivered, timeout=40)
+    await eventually(delivered, timeout=40)
     for bank_account_id in ids:
         got = sage.transactions_by_account[bank_account_id]
         assert len(got) == len(set(got)) == HISTORY, (bank_account_id, len(got), len(set(got)))
@@ -220,15 +225,3 @@ async def _holder_pid() -> int | None:
     if holder is None:
         return None
     return int(holder[0].split(":")[-2])
-
-
-async def _onboard(instance: Instance, sage, browser, user: str, only: int | None = None):
-    """Walk Demo Bank onboarding on ``instance``; the externalIds Sage was given (one when ``only`` is given)."""
-    authorisation_id = await instance.calls.announce()
-    page = await browser.get(instance.calls.auth_url(authorisation_id))
-    page = await browser.submit(page, {"User name": user, "Password": "secret"}, button="Sign in")
-    done = await browser.submit(page, button="Share with Sage")
-    assert done.left_to is not None, done.text
-    patch = next(p for p in reversed(sage.patches) if p.authorisation_id == authorisation_id)
-    external_ids = [acc["bankAccountExternalId"] for acc in patch.body["data"]["bankAccounts"]]
-    return external_ids[only] if only is not None else external_ids

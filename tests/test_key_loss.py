@@ -6,6 +6,7 @@ import logging
 
 from connector.security.crypto import key_id
 from connector.testing.connector import new_encryption_key
+from connector.testing.fixtures import SageCalls
 
 
 def _raw(key: str) -> bytes:
@@ -14,18 +15,10 @@ def _raw(key: str) -> bytes:
     return base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
 
 
-async def test_available_accounts_with_a_dropped_key(sage, connector_factory, database_url, http, caplog):
-    from connector.testing.fixtures import SageCalls
-    from connector.testing.driver import Driver
-
+async def test_available_accounts_with_a_dropped_key(sage, connector_factory, database_url, http, browser, caplog):
     key_a, key_b = new_encryption_key(), new_encryption_key()
     first = await connector_factory(extra={"security": {"encryption_keys": [key_a]}})
-    calls = SageCalls(sage, first.endpoints, first.url, http)
-    browser = Driver(http, stop_at=(sage.base_url,))
-    page = await browser.get(calls.auth_url(await calls.announce()))
-    page = await browser.submit(page, {"User name": "frank", "Password": "x"}, button="Sign in")
-    await browser.submit(page, button="Share with Sage")
-    external_id = sage.patches[0].body["data"]["bankAccounts"][0]["bankAccountExternalId"]
+    external_id = (await SageCalls.for_connector(sage, first, http).onboard(browser, "frank")).external_ids[0]
     await first.stop()
 
     second = await connector_factory(database=database_url, extra={"security": {"encryption_keys": [key_b]}})

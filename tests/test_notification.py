@@ -82,26 +82,15 @@ async def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[int, b
     return status, data.partition(b"\r\n\r\n")[2]
 
 
-async def processed(key: str, timeout: float = 5.0) -> models.Notification:
+async def processed(sage_calls, key: str) -> models.Notification:
     """The notification row once its after-the-answer work has run."""
-    deadline = time.monotonic() + timeout
-    while True:
-        row = await models.Notification.get_or_none(dedupe_key=key)
-        if row is not None and row.processed_at is not None and row.outcome:
-            return row
-        assert row is None or row.outcome != "error", f"processing notification {key} failed"
-        assert time.monotonic() < deadline, f"notification {key} was not processed: {row and row.outcome!r}"
-        await asyncio.sleep(0.01)
-
-
-async def onboard(sage, sage_calls, browser, user: str = "alice", bank_id: str = DEMO_BANK_ID) -> list[str]:
-    """Link Demo Bank through the pages; return the externalIds sent to Sage in the PATCH."""
-    authorisation_id = await sage_calls.announce(bank_id)
-    page = await browser.get(sage_calls.auth_url(authorisation_id, bank_id=bank_id))
-    page = await browser.submit(page, {"User name": user, "Password": "pw"}, button="Sign in")
-    done = await browser.submit(page, button="Share with Sage")
-    assert done.left_to, page.h1
-    return [a["bankAccountExternalId"] for a in sage.patches[-1].body["data"]["bankAccounts"]]
+    if sage_calls.settle is not None:
+        await sage_calls.settle()
+    row = await models.Notification.get_or_none(dedupe_key=key)
+    assert row is None or row.outcome != "error", f"processing notification {key} failed"
+    assert row is not None and row.processed_at is not None and row.outcome, \
+        f"notification {key} was not processed: {row and row.outcome!r}"
+    return row
 
 
 # --- Sage ID token on /notification ---------------------------------------------------------------------------------
@@ -154,7 +143,8 @@ async def test_every_bad_token_gets_401_with_www_authenticate_and_stores_nothing
         assert body["error"] == "invalid_token", name
         assert headers["WWW-Authenticate"] == 'Bearer error="invalid_token"', name
         assert token not in json.dumps(body), name
-    for name, authorization in {"missing": None, "Basic scheme": "Basic dXNlcjpwYXNz", "empty bearer": "Bearer "}.items():
+    refused = {"missing": None, "Basic scheme": "Basic dXNlcjpwYXNz", "empty bearer": "Bearer "}
+    for name, authorization in refused.items():
         headers = sage_calls.headers()
         if authorization is None:
             del headers["Authorization"]
@@ -370,7 +360,7 @@ async def test_authorisation_created_is_stored_before_the_answer(sage_calls, con
     assert row.sage_bank_id == DEMO_BANK_ID and row.used_at is None
     ttl = connector.settings.security["authorisation_ttl_seconds"]
     assert before + timedelta(seconds=ttl - 5) <= row.expires_at <= datetime.now(UTC) + timedelta(seconds=ttl)
-    assert (await processed(f"resourceCreated:authorisation:{authorisation_id}")).outcome == "stored"
+    assert (await processed(sage_calls, f"resourceCreated:authorisation:{authorisation_id}")).outcome == "stored"
 
 
 async def test_authorisation_id_in_capitals_is_stored_canonically(sage_calls, browser):
@@ -473,7 +463,7 @@ async def test_unknown_types_are_stored_and_ignored(sage_calls):
         status, answer, _ = await post(sage_calls, body)
         assert (status, answer) == (200, {"status": "accepted"})
         key = f"{body['type']}:{body['resource']['type']}:{body['resource']['id']}"
-        assert (await processed(key)).outcome == "ignored"
+        assert (await processed(sage_calls, key)).outcome == "ignored"
     after = await snapshot()
     assert len(after["notifications"]) == len(before["notifications"]) + len(cases)
     assert {k: v for k, v in after.items() if k != "notifications"} == \
@@ -481,12 +471,12 @@ async def test_unknown_types_are_stored_and_ignored(sage_calls):
 
 
 async def test_bank_account_created_links_once_even_when_sent_five_times_concurrently(sage, sage_calls, browser):
-    external_id, _ = await onboard(sage, sage_calls, browser)
+    external_id, _ = (await sage_calls.onboard(browser)).external_ids
     body = account_created(external_id, requestedStartDate="2025-01-01T00:00:00Z", bankId=DEMO_BANK_ID)
     results = await asyncio.gather(*(post(sage_calls, body) for _ in range(5)))
     assert [s for s, _, _ in results] == [200] * 5
     bank_account_id = body["resource"]["id"]
-    row = await processed(f"resourceCreated:bankAccount:{bank_account_id}")
+    row = await processed(sage_calls, f"resourceCreated:bankAccount:{bank_account_id}")
     assert row.outcome == "linked"
     assert await models.Notification.filter(resource_id=bank_account_id).count() == 1
     [link] = await models.LinkedAccount.filter(bank_account_id=bank_account_id).prefetch_related("account")
@@ -496,42 +486,43 @@ async def test_bank_account_created_links_once_even_when_sent_five_times_concurr
 
 
 async def test_bank_account_from_candidate_without_start_date_or_bank_starts_today(sage, sage_calls, browser):
-    _, external_id = await onboard(sage, sage_calls, browser)
+    _, external_id = (await sage_calls.onboard(browser)).external_ids
     body = account_created(external_id)  # no requestedStartDate, no bankId
     status, _, _ = await post(sage_calls, body)
     assert status == 200
     bank_account_id = body["resource"]["id"]
-    assert (await processed(f"resourceCreated:bankAccount:{bank_account_id}")).outcome == "linked"
+    assert (await processed(sage_calls, f"resourceCreated:bankAccount:{bank_account_id}")).outcome == "linked"
     link = await models.LinkedAccount.get(bank_account_id=bank_account_id)
     assert link.requested_start_date == datetime.now(UTC).date()
 
 
 async def test_compound_external_id_matches_the_known_part(sage, sage_calls, browser):
-    external_id, _ = await onboard(sage, sage_calls, browser)
+    external_id, _ = (await sage_calls.onboard(browser)).external_ids
     for compound in (f"{uuid.uuid4()}:{external_id}", f"{external_id}:{uuid.uuid4()}"):
         body = account_created(compound, requestedStartDate="2025-02-01T00:00:00Z")
         assert (await post(sage_calls, body))[0] == 200
         bank_account_id = body["resource"]["id"]
-        assert (await processed(f"resourceCreated:bankAccount:{bank_account_id}")).outcome == "linked"
+        assert (await processed(sage_calls, f"resourceCreated:bankAccount:{bank_account_id}")).outcome == "linked"
         link = await models.LinkedAccount.get(bank_account_id=bank_account_id).prefetch_related("account")
         assert link.account.external_id == external_id
 
 
 async def test_bank_account_for_an_unknown_external_id_is_stored_and_links_nothing(sage, sage_calls, browser):
-    a, b = await onboard(sage, sage_calls, browser)
+    a, b = (await sage_calls.onboard(browser)).external_ids
     for external_id in (str(uuid.uuid4()), f"{uuid.uuid4()}:{uuid.uuid4()}", f"{a}:{b}"):
         body = account_created(external_id)
         assert (await post(sage_calls, body))[0] == 200
-        assert (await processed(f"resourceCreated:bankAccount:{body['resource']['id']}")).outcome == "unmatched"
+        key = f"resourceCreated:bankAccount:{body['resource']['id']}"
+        assert (await processed(sage_calls, key)).outcome == "unmatched"
     assert await models.LinkedAccount.all().count() == 0
 
 
 async def test_bank_account_deleted_stops_the_feed_and_the_last_one_erases_the_consent(sage, sage_calls, browser):
-    first, second = await onboard(sage, sage_calls, browser)
+    first, second = (await sage_calls.onboard(browser)).external_ids
     one = await sage_calls.account_created(first)
     two = await sage_calls.account_created(second)
     for bank_account_id in (one, two):
-        await processed(f"resourceCreated:bankAccount:{bank_account_id}")
+        await processed(sage_calls, f"resourceCreated:bankAccount:{bank_account_id}")
     consent = await models.Consent.get(accounts__external_id=first)
     assert consent.status == "active" and consent.secrets_sealed
 
@@ -540,7 +531,7 @@ async def test_bank_account_deleted_stops_the_feed_and_the_last_one_erases_the_c
             "additionalData": {"externalId": first, "bankId": DEMO_BANK_ID}}
     results = await asyncio.gather(*(post(sage_calls, body) for _ in range(5)))
     assert [s for s, _, _ in results] == [200] * 5
-    assert (await processed(f"resourceDeleted:bankAccount:{one}")).outcome == "stopped"
+    assert (await processed(sage_calls, f"resourceDeleted:bankAccount:{one}")).outcome == "stopped"
     link = await models.LinkedAccount.get(bank_account_id=one)
     assert link.feed_state == "stopped" and link.deleted_at is not None
     assert (await models.LinkedAccount.get(bank_account_id=two)).feed_state != "stopped"
@@ -549,7 +540,7 @@ async def test_bank_account_deleted_stops_the_feed_and_the_last_one_erases_the_c
 
     # Deleting the last: the consent is revoked and its secrets erased.
     await sage_calls.account_deleted(two, second)
-    assert (await processed(f"resourceDeleted:bankAccount:{two}")).outcome == "stopped"
+    assert (await processed(sage_calls, f"resourceDeleted:bankAccount:{two}")).outcome == "stopped"
     consent = await models.Consent.get(id=consent.id)
     assert consent.secrets_sealed is None
     assert consent.status == "revoked"
@@ -559,20 +550,20 @@ async def test_bank_account_deleted_for_an_unknown_account_changes_nothing(sage_
     before = await snapshot()
     bank_account_id = str(uuid.uuid4())
     await sage_calls.account_deleted(bank_account_id, str(uuid.uuid4()))
-    assert (await processed(f"resourceDeleted:bankAccount:{bank_account_id}")).outcome == "unknown_account"
+    assert (await processed(sage_calls, f"resourceDeleted:bankAccount:{bank_account_id}")).outcome == "unknown_account"
     after = await snapshot()
     assert after["links"] == before["links"] and after["consents"] == before["consents"]
 
 
 async def test_secrets_of_an_offboarded_consent_cannot_be_read_back(sage, sage_calls, browser, connector):
-    first, second = await onboard(sage, sage_calls, browser, user="frank")
+    first, second = (await sage_calls.onboard(browser, "frank")).external_ids
     consent = await models.Consent.get(accounts__external_id=first)
     assert connector.app.ctx.box.open_json(consent.secrets_sealed, secrets_aad(consent.id))["user"] == "frank"
     ids = [await sage_calls.account_created(first), await sage_calls.account_created(second)]
     for bank_account_id, external_id in zip(ids, (first, second)):
-        await processed(f"resourceCreated:bankAccount:{bank_account_id}")
+        await processed(sage_calls, f"resourceCreated:bankAccount:{bank_account_id}")
         await sage_calls.account_deleted(bank_account_id, external_id)
-        await processed(f"resourceDeleted:bankAccount:{bank_account_id}")
+        await processed(sage_calls, f"resourceDeleted:bankAccount:{bank_account_id}")
     assert (await models.Consent.get(id=consent.id)).secrets_sealed is None
 
 
@@ -604,19 +595,15 @@ async def test_storage_unavailable_gets_503_and_a_retry_is_stored(sage_calls):
 
 async def test_last_two_deletions_at_once_erase_the_consent_once(sage, sage_calls, browser):
     for user in ("gina", "hal", "ines"):
-        first, second = await onboard(sage, sage_calls, browser, user=user)
+        first, second = (await sage_calls.onboard(browser, user)).external_ids
         ids = [await sage_calls.account_created(first), await sage_calls.account_created(second)]
         for bank_account_id in ids:
-            await processed(f"resourceCreated:bankAccount:{bank_account_id}")
+            await processed(sage_calls, f"resourceCreated:bankAccount:{bank_account_id}")
         await asyncio.gather(sage_calls.account_deleted(ids[0], first), sage_calls.account_deleted(ids[1], second))
         # "revoked" is never seen while secrets are still stored.
-        for _ in range(500):
-            consent = await models.Consent.get(accounts__external_id=first)
-            if consent.status == "revoked":
-                break
-            await asyncio.sleep(0.005)
+        consent = await models.Consent.get(accounts__external_id=first)
         assert consent.status == "revoked"
         assert consent.secrets_sealed is None
         for bank_account_id in ids:
-            await processed(f"resourceDeleted:bankAccount:{bank_account_id}")
+            await processed(sage_calls, f"resourceDeleted:bankAccount:{bank_account_id}")
         assert (await models.Consent.get(id=consent.id)).secrets_sealed is None

@@ -164,7 +164,8 @@ def credentials(sage, connector) -> Callable[[Any], dict[str, str]]:
 
 
 def fuzz(base_url: str, headers: Callable[[Any], dict[str, str]],
-         explicit: Callable[[Any], list[tuple[Any, dict[str, str]]]]) -> tuple[list[str], Counter[tuple[str, str, int]]]:
+         explicit: Callable[[Any], list[tuple[Any, dict[str, str]]]],
+         ) -> tuple[list[str], Counter[tuple[str, str, int]]]:
     """Run schemathesis over every operation, positive and negative data, then the ``explicit`` cases; return the
     failures and how often each (operation, mode, status) was answered."""
     import schemathesis
@@ -247,14 +248,6 @@ def explicit_cases(headers: Callable[[Any], dict[str, str]], external_id: str
     return cases
 
 
-async def link_demo_accounts(sage, sage_calls, browser) -> list[str]:
-    authorisation_id = await sage_calls.announce()
-    page = await browser.get(sage_calls.auth_url(authorisation_id))
-    page = await browser.submit(page, {"User name": "alice", "Password": "secret"}, button="Sign in")
-    assert (await browser.submit(page, button="Share with Sage")).left_to
-    return [a["bankAccountExternalId"] for a in sage.patches[-1].body["data"]["bankAccounts"]]
-
-
 @pytest.fixture
 def hypothesis_home(tmp_path):
     """Hypothesis's files (its constants cache) go to a temporary folder, not into the repository."""
@@ -267,7 +260,7 @@ def hypothesis_home(tmp_path):
 
 async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(sage, connector, sage_calls,
                                                                                     browser, hypothesis_home):
-    [external_id, _] = await link_demo_accounts(sage, sage_calls, browser)
+    [external_id, _] = (await sage_calls.onboard(browser)).external_ids
     headers = credentials(sage, connector)
     started = time.monotonic()
     failures, answers = await asyncio.to_thread(fuzz, connector.url, headers, explicit_cases(headers, external_id))

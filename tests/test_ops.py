@@ -82,3 +82,15 @@ async def test_a_request_id_follows_a_page_into_its_sage_calls(connector, sage, 
     async with http.get(f"{connector.url}/health", headers={"X-Request-ID": "bad id with spaces"}) as resp:
         given = resp.headers["X-Request-ID"]
     assert given != "bad id with spaces" and given.isalnum()
+
+
+async def test_metrics_count_how_journeys_end(connector, sage_calls, browser, http):
+    await sage_calls.onboard(browser)
+    page = await browser.get(sage_calls.auth_url(await sage_calls.announce()))
+    page = await browser.submit(page, {"User name": "otp", "Password": "pw"}, button="Sign in")
+    page = await browser.submit(page, button="Cancel and go back to Sage")
+    assert page.h1 == "You cancelled connecting your bank"
+    async with http.get(f"{connector.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'connector_journeys_total{kind="onboarding",outcome="done"} 1.0' in text
+    assert 'connector_journeys_total{kind="onboarding",outcome="cancelled"} 1.0' in text

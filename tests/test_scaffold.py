@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from connector import scaffold
-from connector.feed.testing import write_config
 from connector.hookspecs import ENTRY_POINT_GROUP
 from connector.plugins import DISABLE_ENV
-from connector.testing.connector import SageEndpoints, connector_config
+from connector.testing.connector import SageEndpoints, connector_config, write_config
 
 NAME = "scaffoldcheck"
 TITLE = "Scaffold Check Bank"

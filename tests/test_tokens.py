@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from connector.security import tokens
 from connector.security.tokens import JWKSCache, SageTokenVerifier, TokenError, www_authenticate
+from connector.testing.connector import eventually
 from connector.testing.sage_id import SANDBOX_AUDIENCE, SageIdentity, SigningKey
 
 SANDBOX_ISSUER = "https://id-shadow.sage.com/"
@@ -191,14 +192,6 @@ async def refused(
     assert err.status == status
     assert err.error == ("invalid_token" if status == 401 else "insufficient_scope")
     return err
-
-
-async def wait_for(condition: Callable[[], bool]) -> None:
-    for _ in range(200):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
 
 
 # --- valid tokens -------------------------------------------------------------------------------------------------
@@ -526,7 +519,7 @@ async def test_failed_refresh_keeps_known_keys_until_max_stale(
         jwks.document = {"keys": []}
     mono.advance(601)
     await verifier.verify(bearer(identity.notification_token()), NOTIFY)
-    await wait_for(lambda: jwks.hits == 2)
+    await eventually(lambda: jwks.hits == 2, timeout=1, interval=0.005)
     await verifier.verify(bearer(identity.notification_token(jti="2")), NOTIFY)
     assert canary.hits == 0
     mono.advance(86400)  # last good keys are now older than max_stale_seconds
@@ -543,7 +536,7 @@ async def test_hanging_jwks_does_not_slow_known_kid(
     started = time.perf_counter()
     await verifier.verify(bearer(identity.notification_token()), NOTIFY)
     assert time.perf_counter() - started < 0.1  # the refresh runs in the background
-    await wait_for(lambda: jwks.hits == 2)
+    await eventually(lambda: jwks.hits == 2, timeout=1, interval=0.005)
     # A kid that does need a fetch waits at most the fetch timeout (0.3 s here), then gets a plain 401.
     started = time.perf_counter()
     await refused(verifier, bearer(identity.mint(NOTIFY, headers={"kid": "new-kid"})))

@@ -345,11 +345,9 @@ def collect_problems(path: str | os.PathLike[str], env: Mapping[str, str] | None
         try:
             problems += check_settings(settings, load_plugins())
         except Exception as exc:  # PluginError, a plugin's import error, a pluggy validation error
-            from connector.plugins import PluginError
+            from connector.plugins import load_failure
 
-            message = str(exc) if isinstance(exc, PluginError) else \
-                f"provider plugins could not be loaded: {type(exc).__name__}: {exc}"
-            problems.append(Problem("plugins", message))
+            problems.append(Problem("plugins", load_failure(exc)))
     return settings, problems
 
 

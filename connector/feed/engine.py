@@ -24,7 +24,7 @@ import asyncio
 import logging
 import re
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -32,12 +32,14 @@ from decimal import Decimal
 from typing import Any
 
 from tortoise.expressions import F
+from tortoise.functions import Count
+from tortoise.queryset import QuerySet
 from tortoise.transactions import in_transaction
 
 from connector.config import Settings
 from connector.feed import statements as st
 from connector.feed.lease import Lease, current_holder
-from connector.hookspecs import Provider
+from connector.hookspecs import PolledProvider, Provider
 from connector.journey.consents import StoredConsent, to_domain
 from connector.sage.client import SageClient, SageError
 from connector.security.crypto import SecretBox
@@ -184,15 +186,7 @@ class Feed:
         self._rounds: set[asyncio.Task[None]] = set()
         self._webhook_mark = 0  # the last provider-webhook notification acted on
         self._states_task: asyncio.Task[None] | None = None
-        self._throttled_seen = 0
-        self.last_report: RunReport | None = None
         self.metrics = metrics
-        self._states_gauge = None
-        if metrics is not None:
-            from prometheus_client import Gauge
-
-            self._states_gauge = Gauge("connector_feed_accounts", "Linked accounts by feed state and reason "
-                                       "(spec 7.41)", ["state", "reason"], registry=metrics.registry)
 
     def _count(self, metric: str, *labels: str) -> None:
         if self.metrics is not None:
@@ -206,19 +200,13 @@ class Feed:
             log.warning("feed metrics not refreshed", exc_info=True)
 
     async def _export_states(self) -> None:
-        if self._states_gauge is None:
+        if self.metrics is None:
             return
-        throttled = getattr(getattr(self.sage, "stats", None), "throttled", 0)
-        if throttled > self._throttled_seen:  # the client counts 429s of every call it made, PATCH included
-            self.metrics.sage_throttled.inc(throttled - self._throttled_seen)
-            self._throttled_seen = throttled
-        counts: dict[tuple[str, str], int] = {}
-        for state, reason in await models.LinkedAccount.filter(deleted_at__isnull=True).values_list(
-                "feed_state", "feed_reason"):
-            counts[(state, reason)] = counts.get((state, reason), 0) + 1
-        self._states_gauge.clear()
-        for (state, reason), count in counts.items():
-            self._states_gauge.labels(state, reason).set(count)
+        counts = await models.LinkedAccount.filter(deleted_at__isnull=True).annotate(n=Count("id")).group_by(
+            "feed_state", "feed_reason").values_list("feed_state", "feed_reason", "n")
+        self.metrics.feed_accounts.clear()
+        for state, reason, count in counts:
+            self.metrics.feed_accounts.labels(state, reason).set(count)
 
     # -- running --------------------------------------------------------------------------------------------------
 
@@ -241,7 +229,6 @@ class Feed:
             await self._round(await self._account_ids(), report)
             # Accounts whose consent another account found lost during this run get their authRequired now.
             await self._round(await self._needing_notice(), report)
-            self.last_report = report
             return report
         finally:
             await self.lease.release()
@@ -262,6 +249,10 @@ class Feed:
                         next_run = time.monotonic() + self.options.interval
                 except Exception:
                     log.exception("feed loop error; trying again shortly")
+                if not held and not self._stopping.is_set():
+                    # Not the holder: a wake-up is the holder's business (it finds the work in _has_news), and left
+                    # set it would turn the wait below into a busy loop of lease attempts.
+                    self._wake.clear()
                 wait = self.options.lease_ttl / 3
                 if held:
                     wait = min(wait, max(0.0, next_run - time.monotonic()))
@@ -280,7 +271,7 @@ class Feed:
             except Exception:
                 log.warning("feed lease not released", exc_info=True)
 
-    async def read_soon(self, provider: str, provider_consent_ids: Sequence[str]) -> None:
+    async def _read_soon(self, provider: str, provider_consent_ids: Sequence[str]) -> None:
         """A provider webhook said these consents have news: read their accounts at the next run."""
         ids = await models.LinkedAccount.filter(
             account__consent__provider=provider, account__consent__provider_consent_id__in=list(provider_consent_ids),
@@ -291,7 +282,10 @@ class Feed:
 
     async def _has_news(self) -> bool:
         """Work the wake-up may have missed (it only reaches the worker process that received the notification):
-        a linked account never fed, a deleted account with unsent statements, a consent re-authorised."""
+        a linked account never fed, a deleted account with unsent statements, a consent re-authorised, a provider
+        webhook not acted on yet."""
+        if await self._webhooks().exists():
+            return True
         linked = await models.LinkedAccount.filter(deleted_at__isnull=True).count()
         started = await models.FeedCursor.filter(linked_account__deleted_at__isnull=True).count()
         if linked != started:
@@ -304,14 +298,22 @@ class Feed:
     async def _webhook_news(self) -> None:
         """Provider webhooks stored by the Inbox name consents with news: read their accounts now, even inside a
         provider's poll interval."""
+        news: dict[str, set[str]] = defaultdict(set)
+        for row_id, provider, payload in await self._webhooks().values_list("id", "resource_type", "payload"):
+            self._webhook_mark = max(self._webhook_mark, row_id)
+            consents = payload.get("consents") if isinstance(payload, dict) else None
+            if isinstance(consents, list):
+                news[provider].update(str(c) for c in consents)
+        for provider, consent_ids in news.items():
+            if consent_ids:
+                await self._read_soon(provider, sorted(consent_ids))
+
+    def _webhooks(self) -> QuerySet[models.Notification]:
+        """Provider webhooks not acted on yet; at start, only those recent enough to still matter."""
         query = models.Notification.filter(type="providerWebhook", id__gt=self._webhook_mark)
         if self._webhook_mark == 0:
             query = query.filter(received_at__gte=utcnow() - timedelta(seconds=max(self.options.interval, 3600)))
-        for row_id, provider, payload in await query.order_by("id").values_list("id", "resource_type", "payload"):
-            self._webhook_mark = max(self._webhook_mark, row_id)
-            consents = payload.get("consents") if isinstance(payload, dict) else None
-            if isinstance(consents, list) and consents:
-                await self.read_soon(provider, [str(c) for c in consents])
+        return query
 
     async def _tick(self) -> None:
         """Start a round in the background: a slow account (a statement Sage is still processing) must not hold
@@ -325,10 +327,8 @@ class Feed:
             self._rounds.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 log.error("feed round failed", exc_info=t.exception())
-            elif not t.cancelled():
-                self.last_report = report
-                if self._states_gauge is not None and not self._stopping.is_set():
-                    self._states_task = asyncio.get_running_loop().create_task(self.export_states())
+            elif not t.cancelled() and self.metrics is not None and not self._stopping.is_set():
+                self._states_task = asyncio.get_running_loop().create_task(self.export_states())
 
         task.add_done_callback(done)
 
@@ -384,8 +384,7 @@ class Feed:
             link = await models.LinkedAccount.get_or_none(id=link_id).prefetch_related("account__consent")
             if link is None:
                 return None
-            name = f"{link.account.name} ••{link.account.account_identifier_hint}"
-            out = AccountOutcome(link.bank_account_id, name, link.feed_state, link.feed_reason)
+            out = AccountOutcome(link.bank_account_id, link.account.display_name, link.feed_state, link.feed_reason)
             try:
                 await self._work(link, out)
             except Exception as exc:
@@ -561,9 +560,8 @@ class Feed:
         removed = [st.unique_id(link.bank_account_id, provider_name, r) for r in result.removed]
         removed = [r for r in removed if r not in fresh]
         now = utcnow()
-        interval = getattr(provider, "poll_interval_seconds", None)
-        next_read = now + timedelta(seconds=float(interval)) if isinstance(interval, int | float) and interval > 0 \
-            else None
+        interval = provider.poll_interval_seconds if isinstance(provider, PolledProvider) else 0
+        next_read = now + timedelta(seconds=interval) if interval > 0 else None
         balance = result.balance
         async with in_transaction():
             known: dict[str, tuple[int, int | None, str, date, Any]] = {}

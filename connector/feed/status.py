@@ -91,7 +91,7 @@ async def collect(settings: Settings, *, now: datetime | None = None,
             next_read = f"in {ago(cursor.next_read_at - now)}"
         rows.append(AccountStatus(
             bank_account_id=link.bank_account_id,
-            name=f"{link.account.name} ••{link.account.account_identifier_hint}",
+            name=link.account.display_name,
             bank=bank.name if bank else link.sage_bank_id,
             provider=consent.provider,
             state=link.feed_state,

@@ -1,12 +1,12 @@
-"""Helpers for feed tests and ``bench/feed.py``: a config file on disk, and linked accounts seeded straight into the
-database (for benchmarks that need a thousand accounts without a thousand journeys)."""
+"""Helpers for feed tests and ``bench/feed.py``: linked accounts seeded straight into the database (for benchmarks
+that need a thousand accounts without a thousand journeys), and a running connector's settings as a config for
+``connector feed run`` in a subprocess."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any
 
 from tortoise.transactions import in_transaction
@@ -14,47 +14,6 @@ from tortoise.transactions import in_transaction
 from connector.journey.consents import identifier_aad, secrets_aad
 from connector.security.crypto import SecretBox
 from connector.storage import models
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def to_toml(config: Mapping[str, Any]) -> str:
-    """The config dict of :func:`connector.testing.connector.connector_config` as a TOML file."""
-    lines: list[str] = []
-    for section, table in config.items():
-        if section == "banks":
-            continue
-        if section == "providers":
-            for name, provider in table.items():
-                lines.append(f"[providers.{name}]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in provider.items()]
-                lines.append("")
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
-    for bank in config.get("banks", []):
-        lines.append("[[banks]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in bank.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_config(path: Path, config: Mapping[str, Any]) -> Path:
-    path.write_text(to_toml(config), encoding="utf-8")
-    return path
 
 
 async def seed_linked_accounts(

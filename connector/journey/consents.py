@@ -124,7 +124,7 @@ def patch_account(row: models.Account, box: SecretBox) -> dict[str, str]:
     """One entry of the onboarding PATCH's ``bankAccounts``."""
     return {
         "bankAccountExternalId": row.external_id,
-        "accountName": f"{row.name} ••{row.account_identifier_hint}",
+        "accountName": row.display_name,
         "bankIdentifier": row.bank_identifier,
         "branchIdentifier": row.branch_identifier,
         "accountIdentifier": box.open(row.account_identifier_sealed, identifier_aad(row.external_id)).decode(),

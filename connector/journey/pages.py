@@ -14,7 +14,6 @@ from typing import Any
 from connector.types import (
     Choice,
     ChooseAccounts,
-    Field,
     Form,
     Redirect,
     Step,

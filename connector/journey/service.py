@@ -20,6 +20,7 @@ from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
 from connector.config import Settings
+from connector.errors import PageError
 from connector.hookspecs import Flow, Provider
 from connector.journey import consents
 from connector.journey.pages import Page, check_form, chosen_accounts, error_page, page_of, with_errors
@@ -27,8 +28,8 @@ from connector.security.crypto import SecretBox, SecretError
 from connector.security.redirects import compose_redirect, redirect_allowed, state_valid
 from connector.storage import models, storable
 from connector.types import (
-    Declined,
     ChooseAccounts,
+    Declined,
     Done,
     Failed,
     FlowEvent,
@@ -39,7 +40,6 @@ from connector.types import (
     StepResult,
     Wait,
 )
-from connector.errors import PageError
 
 log = logging.getLogger("connector.journey")
 
@@ -68,6 +68,10 @@ def _canonical_uuid(value: str) -> bool:
         return False
 
 
+#: How a journey ends, as the ``outcome`` label of ``connector_journeys_total``; any other code is a provider's.
+JOURNEY_OUTCOMES = frozenset({"done", "cancelled", "declined", "different_user", "sage_unavailable", "unknown_bank"})
+
+
 class Journeys:
     def __init__(
         self,
@@ -78,8 +82,11 @@ class Journeys:
         *,
         clock: Callable[[], datetime] = _utcnow,
         on_consent_restored: Callable[[], Awaitable[None]] | None = None,
+        metrics: Any = None,
     ) -> None:
+        """``metrics``: the app's :class:`connector.metrics.Metrics`, which counts how journeys end."""
         self.settings = settings
+        self.metrics = metrics
         self.on_consent_restored = on_consent_restored
         self.providers = providers
         self.box = box
@@ -421,6 +428,10 @@ class Journeys:
             changes["status"] = status
         await models.Journey.filter(handle=journey.handle).update(**changes)
         journey.version += 1
+        if status in ("done", "failed") and self.metrics is not None:
+            # Provider error codes are the provider's own: one label for them keeps the series few.
+            outcome = page.get("code", "") if page.get("code") in JOURNEY_OUTCOMES else "provider_error"
+            self.metrics.journeys.labels(journey.kind, outcome).inc()
 
     # --- Throttling guesses (U3) -----------------------------------------------------------------------------
 

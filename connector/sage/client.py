@@ -19,7 +19,6 @@ Nothing here logs or raises a token, the client secret, the API key or a request
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import random
@@ -27,13 +26,13 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 from multidict import CIMultiDict
 
+from connector.outbound import parse_retry_after
 from connector.sage.ratelimit import Backoff, Clock, RateLimiter
 
 log = logging.getLogger("connector.sage")
@@ -42,8 +41,6 @@ log = logging.getLogger("connector.sage")
 TOKEN_REFRESH_MARGIN = 300.0
 #: … and kept this long when Sage ID sends no ``expires_in`` (475 minutes).
 TOKEN_DEFAULT_LIFETIME = 475 * 60.0
-#: A ``Retry-After`` beyond this is clamped: a typo at Sage must not stop the feed for days.
-MAX_RETRY_AFTER = 600.0
 #: Sage's error text is kept for logs and operators, but short and on one line.
 DETAIL_LIMIT = 300
 
@@ -135,6 +132,13 @@ class SageClient:
     ``session`` belongs to the caller (build it with :func:`connector.outbound.guarded_session` for the token URL and
     the API URL) and is not closed here. ``limiter`` is the one limiter of the process.
     """
+
+    @classmethod
+    def from_settings(cls, session: aiohttp.ClientSession, sage: Mapping[str, Any], limiter: RateLimiter) -> SageClient:
+        """The client for the config's ``[sage]`` table (``Settings.sage``), with the default timeouts and retries."""
+        return cls(session, token_url=sage["token_url"], client_id=sage["client_id"],
+                   client_secret=sage["client_secret"], token_audience=sage["token_audience"],
+                   api_url=sage["provider_api_url"], api_key=sage["api_key"], limiter=limiter)
 
     def __init__(
         self,
@@ -466,28 +470,6 @@ def _lifetime(expires_in: Any) -> float:
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
         return TOKEN_DEFAULT_LIFETIME
     return max(expires_in - TOKEN_REFRESH_MARGIN, expires_in / 2)
-
-
-def parse_retry_after(value: str | None, *, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
-    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110 10.2.3); ``None`` if absent or
-    unreadable. Clamped to ``[0, MAX_RETRY_AFTER]``. Fractions are accepted, as lenient parsing costs nothing.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - now()).total_seconds()
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _error_text(body: bytes, secrets: Sequence[str]) -> str | None:

@@ -80,6 +80,11 @@ class Account(Model):
         table = "account"
         unique_together = (("consent", "provider_account_id"),)
 
+    @property
+    def display_name(self) -> str:
+        """The name Sage shows for the account: its name and the last digits of its number."""
+        return f"{self.name} ••{self.account_identifier_hint}"
+
 
 class LinkedAccount(Model):
     """A Sage bank account (``bankAccountId``) created for one of our accounts: the feed's unit of work."""

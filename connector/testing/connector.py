@@ -1,21 +1,25 @@
 """Running a real connector on loopback for tests, the demo and provider authors.
 
 ``RunningConnector`` starts the Sanic app in the current event loop on a free port, so a test talks to it over real
-HTTP exactly as Sage and a browser would.
+HTTP exactly as Sage and a browser would. ``connector_config`` builds its config, and ``write_config`` writes one for
+``connector`` commands run as subprocesses (``wait_until_ready`` waits for ``connector serve``). ``eventually`` waits
+for what happens in its own time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
+import json
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from sanic import Sanic
@@ -60,6 +64,29 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], T | Awaitable[T]], *, timeout: float = 5.0, interval: float = 0.02,
+                     message: str = "the condition") -> T:
+    """Call ``check`` (a plain or an ``async`` function) until it returns something true, and return that.
+
+    For what another process or task does in its own time (a feed run, a browser, a subprocess); raises
+    ``AssertionError`` naming ``message`` after ``timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
 @dataclass
 class SageEndpoints:
     """Where the Sage stand-in listens, and the credentials it expects from us."""
@@ -70,6 +97,14 @@ class SageEndpoints:
     api_key: str
     notification_header_value: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     notification_header_name: str = "X-Connector-Key"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SageEndpoints:
+        """The endpoints a connector was configured with (what :func:`connector_config` wrote)."""
+        sage = settings.sage
+        header = sage["notification_header"]
+        return cls(sage["provider_api_url"], sage["client_id"], sage["client_secret"], sage["api_key"],
+                   notification_header_value=header["value"], notification_header_name=header["name"])
 
 
 def connector_config(
@@ -112,14 +147,64 @@ def connector_config(
     return config
 
 
+def _toml_string(value: str) -> str:
+    # JSON's escapes are TOML's too; DEL is the one control character JSON leaves raw and TOML refuses.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(config: Mapping[str, Any]) -> str:
+    """A config dict (as parsed TOML, e.g. from :func:`connector_config`) as the text of a TOML file."""
+    lines: list[str] = []
+    for section, table in config.items():
+        if section == "banks":
+            continue
+        if section == "providers":
+            for name, provider in table.items():
+                lines.append(f"[providers.{name}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in provider.items()]
+                lines.append("")
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    for bank in config.get("banks", []):
+        lines.append("[[banks]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in bank.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    """Write ``config`` to ``path`` as TOML, for ``connector`` commands run as subprocesses; return ``path``."""
+    path.write_text(to_toml(config), encoding="utf-8")
+    return path
+
+
 class RunningConnector:
     """A connector served on 127.0.0.1 inside the running event loop."""
 
-    def __init__(self, settings: Settings, plugins: Plugins | None = None) -> None:
+    def __init__(self, settings: Settings, plugins: Plugins | None = None, *,
+                 endpoints: SageEndpoints | None = None) -> None:
         from connector.app import create_app
 
         Sanic.test_mode = True  # app names may be reused within one process
         self.settings = settings
+        #: Where its Sage is, and the credentials it expects from Sage (what ``SageCalls`` signs with).
+        self.endpoints = endpoints or SageEndpoints.from_settings(settings)
         self.app = create_app(settings, plugins)
         self.port = int(settings.server["port"])
         self.url = settings.public_url

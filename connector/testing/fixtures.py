@@ -9,7 +9,7 @@ distribution: once the connector is installed, every pytest run in that environm
   the ``connector_plugins`` marker or the ``provider_plugins`` fixture;
 * ``connector_factory`` — start a real connector against it with the banks and providers you name;
 * ``connector`` — one connector with Demo Bank (override it to map your own banks and providers);
-* ``sage_calls`` — sign and send notifications as Sage would (:class:`SageCalls`);
+* ``sage_calls`` — sign and send notifications as Sage would, and walk Demo Bank's onboarding (:class:`SageCalls`);
 * ``browser`` — a :class:`~connector.testing.driver.Driver` that walks pages by labels and button names;
 * ``feed`` — the running connector's statement feed with short waits: ``await feed.run_once()``.
 
@@ -55,6 +55,19 @@ if TYPE_CHECKING:
 
 DEMO_BANK_ID = "10aaeee6-4691-4443-8198-df39aaa8007c"
 REDIRECT_PATH = "/api/v1/indirectredirect/"
+CHOOSE_ACCOUNTS = "Choose the accounts to share with Sage"
+
+
+@dataclass(frozen=True)
+class Onboarded:
+    """A finished onboarding: the authorisation Sage announced, and the bank accounts the connector's PATCH named."""
+
+    authorisation_id: str
+    bank_accounts: list[dict[str, Any]]  # ``data.bankAccounts`` of the PATCH, as Sage received it
+
+    @property
+    def external_ids(self) -> list[str]:
+        return [account["bankAccountExternalId"] for account in self.bank_accounts]
 
 
 @dataclass
@@ -68,6 +81,11 @@ class SageCalls:
     #: Awaited after a bank-account notification is answered, so that what it starts is done when the call returns
     #: (``RunningConnector.settle`` for a connector in this process; ``None`` for one in another process).
     settle: Callable[[], Awaitable[None]] | None = None
+
+    @classmethod
+    def for_connector(cls, sage: SageEmulator, connector: RunningConnector, http: aiohttp.ClientSession) -> SageCalls:
+        """Sage's calls on a connector running in this process (so they wait for its work after each answer)."""
+        return cls(sage, connector.endpoints, connector.url, http, connector.settle)
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         return {
@@ -116,6 +134,25 @@ class SageCalls:
         assert status == 200, body
         if self.settle is not None:
             await self.settle()
+
+    async def onboard(self, browser: Driver, user: str = "alice", *, password: str = "secret",
+                      bank_id: str = DEMO_BANK_ID) -> Onboarded:
+        """Link a bank as a person does, on Demo Bank's form: Sage announces the authorisation, the person opens
+        ``/auth``, signs in with "User name" and "Password", shares every account offered, and is back at Sage.
+
+        The share step is skipped when the bank sends the person back at once after signing in. Returns what the
+        connector told Sage in its PATCH.
+        """
+        authorisation_id = await self.announce(bank_id)
+        page = await browser.get(self.auth_url(authorisation_id, bank_id=bank_id))
+        assert page.status == 200, page.text
+        page = await browser.submit(page, {"User name": user, "Password": password}, button="Sign in")
+        if page.left_to is None:
+            assert page.h1 == CHOOSE_ACCOUNTS, page.text
+            page = await browser.submit(page, button="Share with Sage")
+        assert page.left_to is not None, page.text
+        patch = next(p for p in reversed(self.sage.patches) if p.authorisation_id == authorisation_id)
+        return Onboarded(authorisation_id, patch.body["data"]["bankAccounts"])
 
     def redirect_uri(self) -> str:
         return f"{self.sage.base_url}{REDIRECT_PATH}{uuid.uuid4()}"
@@ -214,8 +251,7 @@ async def connector_factory(sage: SageEmulator, plugins: Plugins, database_url: 
         config = connector_config(
             endpoints, database_url=database or database_url, port=free_port(),
             banks=banks, providers=providers if providers is not None else {"demobank": {}}, extra=extra)
-        connector = RunningConnector(settings_from(config), plugins)
-        connector.endpoints = endpoints  # type: ignore[attr-defined]
+        connector = RunningConnector(settings_from(config), plugins, endpoints=endpoints)
         running.append(await connector.start())
         return connector
 
@@ -237,7 +273,7 @@ async def connector(connector_factory: ConnectorFactory) -> RunningConnector:
 
 @pytest.fixture
 def sage_calls(sage: SageEmulator, connector: RunningConnector, http: aiohttp.ClientSession) -> SageCalls:
-    return SageCalls(sage, connector.endpoints, connector.url, http, connector.settle)  # type: ignore[attr-defined]
+    return SageCalls.for_connector(sage, connector, http)
 
 
 @pytest.fixture

@@ -454,6 +454,10 @@ class SageEmulator:
     def statement(self, statement_id: str) -> StatementRecord:
         return self._records[statement_id]
 
+    def statements_for(self, bank_account_id: str) -> list[dict[str, Any]]:
+        """The ``data`` of every statement accepted for this bankAccountId, oldest first."""
+        return [s["data"] for s in self.statements if s["data"]["principalId"] == bank_account_id]
+
     def requests_to(self, path_prefix: str, method: str | None = None) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.startswith(path_prefix) and method in (None, r.method)]
 

@@ -180,10 +180,3 @@ def describe(app: Sanic) -> None:
         NOTIFICATION_HEADER, "apiKey", location="header", name=header,
         description="The custom header Sage adds to every notification (`sage.notification_header`), "
                     "compared in constant time.")
-
-
-def exclude_pages(*blueprints: Any) -> None:
-    """Leave the person-facing pages of ``blueprints`` out of the machine document."""
-    for bp in blueprints:
-        for route in getattr(bp, "_future_routes", ()):
-            openapi.exclude()(route.handler)

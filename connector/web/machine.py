@@ -23,12 +23,11 @@ from connector.security.tokens import TokenError, www_authenticate
 from connector.storage import models, storable
 from connector.tasks import spawn
 from connector.types import ProviderError, WebhookRequest
-from connector.web import apidoc, journey
+from connector.web import apidoc
 
 log = logging.getLogger("connector.web")
 
 bp = Blueprint("machine")
-apidoc.exclude_pages(journey.bp)  # HTML for people, not part of the machine API document
 
 
 @bp.before_server_start
@@ -125,18 +124,20 @@ async def available_accounts(request: Request) -> HTTPResponse:
     consent = account.consent
     provider = ctx.providers.get(consent.provider)
     bank = ctx.settings.bank(consent.sage_bank_id)
+    rows = None
     if provider is not None and bank is not None:
         try:
             fresh = await provider.list_accounts(consents.StoredConsent(consent, bank.info(), ctx.box))
-            await consents.store_accounts(consent.id, fresh, ctx.box)
+            rows = sorted(await consents.store_accounts(consent.id, fresh, ctx.box), key=lambda row: row.id)
         except ProviderError as exc:
             # Spec 7.34: serve the last stored list when the provider can't answer.
             log.warning("provider unavailable; serving the stored account list", extra={"code": exc.code})
-    rows = await models.Account.filter(consent_id=consent.id).order_by("id")
+    if rows is None:
+        rows = await models.Account.filter(consent_id=consent.id).order_by("id")
     return json_response([
         {
             "accountType": row.account_type,
-            "accountName": f"{row.name} ••{row.account_identifier_hint}",
+            "accountName": row.display_name,
             "externalId": row.external_id,
             **{k: v for k, v in consents.patch_account(row, ctx.box).items()
                if k in ("bankIdentifier", "accountIdentifier", "branchIdentifier")},
@@ -177,6 +178,4 @@ async def provider_webhook(request: Request, provider: str) -> HTTPResponse:
         raise ApiError("invalid_request", str(exc)[:200]) from None
     new = await ctx.inbox.store_webhook(provider, result)
     ctx.metrics.notifications.labels(f"providerWebhook:{provider}", str(new).lower()).inc()
-    if new and result.provider_consent_ids and ctx.inbox.on_account_change:
-        spawn(request.app, ctx.inbox.on_account_change())
     return json_response({"status": "accepted"})

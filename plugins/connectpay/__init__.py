@@ -1,7 +1,8 @@
 """ConnectPay provider plugin (psd2 account information and BaaS with integrated SCA).
 
 Registered as a built-in through ``connector.plugins.DEFAULT_PLUGINS``; it uses only the public contract
-(:mod:`connector.hookspecs`, :mod:`connector.types`). Spec: ``connectpay.md``.
+(:mod:`connector.hookspecs`, :mod:`connector.types`) and the helpers of :mod:`connector.outbound`.
+Spec: ``connectpay.md``.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from plugins.connectpay.mapping import (
     MappingError,
     parse_accounts,
     parse_baas_login,
+    parse_datetime,
     parse_sca_verify,
     parse_transactions,
     parse_user_status,
@@ -57,7 +58,6 @@ from plugins.connectpay.runtime import (
     Runtime,
     account_to_state,
     chosen,
-    from_iso,
     iso,
     ledger_balance,
     match_linked,
@@ -354,7 +354,7 @@ class Baas:
         user = flow.state.get("user")
         if not isinstance(user, dict):
             raise _SessionEnded
-        expires = from_iso(user.get("expires_at"))
+        expires = parse_datetime(user.get("expires_at"))
         now = self.rt.now()
         if expires is None or expires <= now:
             raise _SessionEnded
@@ -384,7 +384,7 @@ class Baas:
         if not isinstance(user, dict) or not user.get("access_token"):
             return
         flow.state["user_id"] = user.get("user_id")
-        expires = from_iso(user.get("expires_at"))
+        expires = parse_datetime(user.get("expires_at"))
         if expires is not None and expires <= self.rt.now():
             return  # already over at ConnectPay
         try:
@@ -417,7 +417,7 @@ class Baas:
     async def _check_user(self, consent: ConsentSession) -> None:
         user_id = consent.secrets.get("user_id")
         max_age = self.s.max_ownership_age_days
-        proof = from_iso(consent.secrets.get("proof_at"))
+        proof = parse_datetime(consent.secrets.get("proof_at"))
         if max_age and (proof is None or self.rt.now() - proof > timedelta(days=max_age)):
             raise ActionRequired("connectpay_proof_expired",
                                  "Please sign in to ConnectPay again to confirm these accounts are still yours.")

@@ -13,7 +13,6 @@ timeout — is done by the psd2 module.)
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import ssl
@@ -21,12 +20,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 import aiohttp
 
+from connector.outbound import origin, parse_retry_after
 from plugins.connectpay import errors
 from plugins.connectpay.mapping import MappingError, parse_error
 
@@ -89,22 +88,6 @@ class Reply:
         return " — ".join(p for p in (f"HTTP {self.status}", code, message) if p)
 
 
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds or an HTTP date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
 class Endpoint:
     """One ConnectPay host (the mTLS host or the 1-way host), with its own session and pacer."""
 
@@ -128,8 +111,8 @@ class Endpoint:
     def resolve(self, href: str) -> str | None:
         """A ``_links.next`` href made absolute against this host; ``None`` if it points anywhere else."""
         url = urljoin(self.base_url + "/", href)
-        base, target = urlsplit(self.base_url), urlsplit(url)
-        if (target.scheme, target.netloc.lower()) != (base.scheme, base.netloc.lower()):
+        # Compared with default ports filled in: https://host:443/... is this host too.
+        if origin(url) != origin(self.base_url):
             return None
         return url
 
@@ -176,9 +159,9 @@ class Endpoint:
         log.info("ConnectPay call", extra={"path": template, "method": method, "status": reply.status,
                                            "request_id": request_id, "code": code})
         if reply.status == 429:
-            raise errors.rate_limited(retry_after_seconds(reply.headers.get("Retry-After")))
+            raise errors.rate_limited(parse_retry_after(reply.headers.get("Retry-After")))
         if reply.status >= 500:
-            raise errors.unavailable(reply.detail(), retry_after_seconds(reply.headers.get("Retry-After")))
+            raise errors.unavailable(reply.detail(), parse_retry_after(reply.headers.get("Retry-After")))
         if 300 <= reply.status < 400:  # the guarded session already refuses these; never followed
             raise errors.unavailable(reply.detail())
         return reply

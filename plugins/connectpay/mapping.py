@@ -101,7 +101,8 @@ def parse_date(value: Any, path: str) -> date:
         raise MappingError(path, "not a date") from None
 
 
-def _parse_datetime(value: Any) -> datetime | None:
+def parse_datetime(value: Any) -> datetime | None:
+    """An instant from ConnectPay or from our own stored state; a missing offset means UTC."""
     if not isinstance(value, str):
         return None
     try:
@@ -242,14 +243,6 @@ def account_id(resource_id: str, currency: str | None) -> str:
     return f"{resource_id}:{currency}" if currency else resource_id
 
 
-def split_account_id(provider_account_id: str) -> tuple[str, str | None]:
-    """``{resourceId}:{CUR}`` → (resourceId, CUR); a plain id → (id, None). OP-27."""
-    head, sep, tail = provider_account_id.rpartition(":")
-    if sep and len(tail) == 3 and tail.isalpha() and tail.isupper():
-        return head, tail
-    return provider_account_id, None
-
-
 def parse_balances(items: Any, path: str) -> list[tuple[str, Decimal, str, date | None, datetime | None]]:
     """Berlin Group ``balances[]`` → (type, amount, currency, referenceDate, lastChangeDateTime); unreadable entries
     are errors because a wrong balance is worse than none."""
@@ -261,7 +254,7 @@ def parse_balances(items: Any, path: str) -> list[tuple[str, Decimal, str, date 
         amount, currency = _amount(obj.get("balanceAmount"), f"{at}.balanceAmount")
         ref = obj.get("referenceDate")
         found.append((kind, amount, currency, parse_date(ref, f"{at}.referenceDate") if ref else None,
-                      _parse_datetime(obj.get("lastChangeDateTime"))))
+                      parse_datetime(obj.get("lastChangeDateTime"))))
     return found
 
 

@@ -43,6 +43,7 @@ from plugins.connectpay.mapping import (
     TokenSet,
     parse_accounts,
     parse_balance_list,
+    parse_datetime,
     parse_token_response,
     parse_transactions,
 )
@@ -50,7 +51,6 @@ from plugins.connectpay.runtime import (
     Runtime,
     account_to_state,
     chosen,
-    from_iso,
     iso,
     ledger_balance,
     match_linked,
@@ -174,7 +174,7 @@ class Psd2:
         # Grant.accounts = the chosen accounts: the consent we keep is what the person agreed to share with Sage
         # (the ConnectPay token reaches the whole Customer, but unchosen accounts must not reach the PATCH).
         return Done(Grant(secrets=secrets, accounts=picked, provider_consent_id=None,
-                          expires_at=from_iso(secrets.get("refresh_expires_at"))))
+                          expires_at=parse_datetime(secrets.get("refresh_expires_at"))))
 
     async def _finish_reauthorisation(
         self, flow: Flow, consent: ConsentSession, secrets: dict[str, Any], offered: list[Account]
@@ -193,7 +193,7 @@ class Psd2:
         flow.state["step"] = "done"
         return Done(Grant(secrets=secrets, accounts=match_linked(flow.linked_accounts, offered),
                           provider_consent_id=consent.provider_consent_id,
-                          expires_at=from_iso(secrets.get("refresh_expires_at"))))
+                          expires_at=parse_datetime(secrets.get("refresh_expires_at"))))
 
     async def _drop_tokens(self, flow: Flow) -> None:
         tokens = flow.state.pop("tokens", None)
@@ -264,7 +264,7 @@ class Psd2:
         return secrets
 
     def _needs_refresh(self, secrets: Mapping[str, Any]) -> bool:
-        expires = from_iso(secrets.get("access_expires_at"))
+        expires = parse_datetime(secrets.get("access_expires_at"))
         return not secrets.get("access_token") or expires is None or expires - self.rt.now() < REFRESH_MARGIN
 
     async def access_token(self, consent: ConsentSession, *, rejected: str | None = None) -> str:
@@ -288,7 +288,7 @@ class Psd2:
         refresh_token = secrets.get("refresh_token")
         if not refresh_token:
             raise errors.consent_lost("no refresh token stored")
-        expires = from_iso(secrets.get("refresh_expires_at"))
+        expires = parse_datetime(secrets.get("refresh_expires_at"))
         if expires is not None and expires <= self.rt.now():
             raise errors.consent_expired()  # lapsed by our clock: no call is made (§9)
         form = {"grant_type": "refresh_token", "refresh_token": str(refresh_token)}

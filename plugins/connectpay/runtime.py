@@ -16,7 +16,7 @@ from typing import Any
 from connector.types import Account, AccountType, Balance, ProviderError, Transaction
 from plugins.connectpay import errors
 from plugins.connectpay.client import Endpoint, Reply
-from plugins.connectpay.mapping import LedgerBalance, MappingError, parse_report_page
+from plugins.connectpay.mapping import LedgerBalance, MappingError, parse_datetime, parse_report_page
 from plugins.connectpay.settings import Settings
 
 log = logging.getLogger("plugins.connectpay")
@@ -45,17 +45,8 @@ class Runtime:
 
 
 def iso(instant: datetime) -> str:
+    """Read back with :func:`plugins.connectpay.mapping.parse_datetime`, the plugin's one datetime parser."""
     return instant.astimezone(UTC).isoformat()
-
-
-def from_iso(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def account_to_state(account: Account) -> dict[str, Any]:
@@ -75,7 +66,8 @@ def account_from_state(data: Mapping[str, Any]) -> Account:
     values["account_type"] = AccountType(values.get("account_type", AccountType.BUSINESS.value))
     balance = values.get("balance")
     if isinstance(balance, Mapping):
-        values["balance"] = Balance(Decimal(balance["amount"]), balance["currency"], from_iso(balance.get("as_of")))
+        values["balance"] = Balance(Decimal(balance["amount"]), balance["currency"],
+                                    parse_datetime(balance.get("as_of")))
     return Account(**values)
 
 

@@ -43,10 +43,6 @@ class _Key:
     placeholders: frozenset[str] | None = None  # for path templates: the only {names} allowed
 
 
-def _path(*names: str) -> _Key:
-    return _Key(str, None, placeholders=frozenset(names))
-
-
 TOP: dict[str, _Key] = {
     "environment": _Key(str, "stage", choices=("stage", "production")),
     "modes": _Key(list, None),

@@ -12,8 +12,7 @@ from connector.types import Choice, ChooseAccounts, Done, Failed, FlowEvent, Gra
 
 from . import errors, mapping
 from .client import PowensAPIError, PowensBadAnswer, PowensClient, Retry
-from .config import BankOptions, Settings, bank_options
-from .sources import parse_expiry
+from .config import Settings, bank_options
 from .tokens import token_from
 
 log = logging.getLogger("plugins.powens")
@@ -49,11 +48,10 @@ class AccountSteps:
         enabled source remains (§11 step 9)."""
         st = flow.state
         options = bank_options(flow.bank)
-        accounts = [
-            mapping.account(raw, connector_uuid=st["connector"])
-            for raw in await self.listed(flow, {"all": ""})
-            if not raw.get("deleted") and type_allowed(raw, options)
-        ]
+        accounts = mapping.accounts(
+            await self.listed(flow, {"all": ""}), connector_uuid=connector_uuid(flow),
+            account_types=options.account_types,
+        )
         st["phase"], st["offered"] = "choose", [a.provider_account_id for a in accounts]
         more = more and options.offer_more_sources
         # The heading already says "Choose the accounts to share with Sage": the intro only adds what is new.
@@ -93,7 +91,9 @@ class AccountSteps:
         )
         permanent = await self.make_permanent(flow)
         answer = await self._client.request("GET", f"/users/me/connections/{connection_id}/accounts", token=permanent)
-        enabled = [mapping.account(raw, connector_uuid=st["connector"]) for raw in accounts_of(answer)]
+        uuid = connector_uuid(flow)
+        # No type filter: every enabled account must be one the person chose, or the check below fails.
+        enabled = mapping.accounts(accounts_of(answer), connector_uuid=uuid)
         if {a.provider_account_id for a in enabled} != set(chosen):
             log.error("powens activated accounts differ from the choice", extra={"connection_id": connection_id})
             return Failed(errors.provider_error("powens_accounts_mismatch"))
@@ -105,11 +105,11 @@ class AccountSteps:
                     "token": permanent,
                     "id_user": st.get("id_user"),
                     "connection_id": connection_id,
-                    "connector_uuid": st["connector"],
+                    "connector_uuid": uuid,
                 },
                 accounts=enabled,
                 provider_consent_id=str(connection_id),
-                expires_at=parse_expiry(st.get("expires_at")),
+                expires_at=mapping.parse_datetime(st.get("expires_at")),
             )
         )
 
@@ -149,27 +149,27 @@ class AccountSteps:
         consent = flow.consent
         assert consent is not None
         st = flow.state
-        connector = consent.secrets.get("connector_uuid") or st.get("connector") or flow.bank.provider_bank
-        accounts = [mapping.account(raw, connector_uuid=connector) for raw in await self.listed(flow, {})]
+        accounts = mapping.accounts(await self.listed(flow, {}), connector_uuid=connector_uuid(flow))
         st["phase"] = "done"
         return Done(
             Grant(
                 secrets=dict(consent.secrets),  # re-read: a renewal during the journey replaced the token
                 accounts=accounts or list(flow.linked_accounts),
                 provider_consent_id=str(st["connection_id"]),
-                expires_at=parse_expiry(st.get("expires_at")),
+                expires_at=mapping.parse_datetime(st.get("expires_at")),
             )
         )
 
 
 def accounts_of(answer: Any) -> list[dict[str, Any]]:
-    if isinstance(answer, dict) and isinstance(answer.get("accounts"), list):
-        return [a for a in answer["accounts"] if isinstance(a, dict)]
-    raise PowensBadAnswer("no accounts list")
+    found = mapping.account_list(answer)
+    if found is None:
+        raise PowensBadAnswer("no accounts list")
+    return found
 
 
-def type_allowed(raw: Mapping[str, Any], options: BankOptions) -> bool:
-    if not options.account_types:
-        return True
-    kind = raw.get("type")
-    return isinstance(kind, str) and kind.casefold() in options.account_types
+def connector_uuid(flow: Flow) -> str:
+    return mapping.connector_uuid(
+        flow.consent.secrets if flow.consent is not None else None, flow.state.get("connector"),
+        flow.bank.provider_bank,
+    )

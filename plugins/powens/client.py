@@ -20,15 +20,14 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from decimal import Decimal
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 from connector.hookspecs import ProviderServices
+from connector.outbound import origin, parse_retry_after
 
 from .config import Settings
 
@@ -116,27 +115,9 @@ class RateLimiter:
                 await self._sleep(60.0 - (now - self._starts[0]))
 
 
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds (a number or an HTTP date); ``None`` when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
 def same_origin(url: str, base: str) -> bool:
-    a, b = urlsplit(url), urlsplit(base)
-    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+    # Default ports filled in: a next link written https://host:443/... is Powens's own origin.
+    return origin(url) == origin(base)
 
 
 class PowensClient:
@@ -242,7 +223,7 @@ class PowensClient:
             ) as response:
                 raw = await response.read()
                 status = response.status
-                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             log.warning(
                 "powens call got no answer", extra={"method": method, "path": path, "error": type(exc).__name__}

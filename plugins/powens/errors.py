@@ -68,12 +68,13 @@ TEMPORARY_STATES: dict[str, str] = {
 }
 
 
-DECLINED = {"powens_webauth_cancelled", "powens_cancelled"}
-
-
 def provider_error(code: str, *, detail: str | None = None) -> ProviderError:
-    kind = Declined if code in DECLINED else ProviderError
-    return kind(code, MESSAGES[code], detail=detail)
+    return ProviderError(code, MESSAGES[code], detail=detail)
+
+
+def declined(code: str, *, detail: str | None = None) -> Declined:
+    """The person said no or stopped: the journey ends without an alarm or a retry."""
+    return Declined(code, MESSAGES[code], detail=detail)
 
 
 def action_required(code: str, *, detail: str | None = None) -> ActionRequired:

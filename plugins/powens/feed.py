@@ -21,6 +21,7 @@ from connector.types import Account, AccountRead, ProviderError, Transaction
 
 from . import errors, mapping
 from .client import PowensAPIError, PowensBadAnswer, PowensClient, PowensUnreachable, Retry, same_origin
+from .config import bank_options
 from .tokens import ConsentCaller
 
 log = logging.getLogger("plugins.powens")
@@ -87,28 +88,20 @@ class Feed:
         return answer
 
     async def list_accounts(self, consent: ConsentSession) -> Sequence[Account]:
+        """Every account of the connection, disabled ones included, filtered as the journey's account page is, so
+        Sage is never offered an account the journey hid."""
         connection = await self.connection(consent, "all_accounts,sources")
-        uuid = self._connector_uuid(consent, connection)
-        raw = connection.get("all_accounts")
-        if not isinstance(raw, list):
+        raw = mapping.account_list(connection, "all_accounts")
+        if raw is None:
             raise errors.temporary("powens_bad_answer")
-        return [mapping.account(a, connector_uuid=uuid) for a in raw if isinstance(a, dict)]
-
-    @staticmethod
-    def _connector_uuid(consent: ConsentSession, connection: dict[str, Any]) -> str:
-        return str(
-            consent.secrets.get("connector_uuid") or connection.get("connector_uuid") or consent.bank.provider_bank
-        )
+        uuid = mapping.connector_uuid(consent.secrets, connection.get("connector_uuid"), consent.bank.provider_bank)
+        return mapping.accounts(raw, connector_uuid=uuid, account_types=bank_options(consent.bank).account_types)
 
     async def read_account(
         self, consent: ConsentSession, account: Account, since: date, sync_point: str | None
     ) -> AccountRead:
         connection = await self.connection(consent, "accounts,sources")
-        raw_account = next(
-            (a for a in connection.get("accounts") or [] if isinstance(a, dict)
-             and str(a.get("id")) == account.provider_account_id),
-            None,
-        )
+        raw_account = mapping.find_account(mapping.account_list(connection) or [], account.provider_account_id)
         if raw_account is None:
             # Not among the enabled accounts: disabled or gone at the bank. The person must choose it again.
             log.warning("powens account not enabled", extra={"account": account.provider_account_id})

@@ -427,10 +427,12 @@ class Journey:
             return Failed(errors.provider_error("powens_unexpected_step"))
         error = event.first("error")
         if error:
-            code = "powens_webauth_cancelled" if error.casefold() in CANCELLED_ERRORS else "powens_webauth_failed"
             detail = event.first("error_description") or error
             log.info("powens webauth came back with an error", extra={"error_code": error[:64]})
-            failure = errors.provider_error(code, detail=detail)
+            if error.casefold() in CANCELLED_ERRORS:
+                failure = errors.declined("powens_webauth_cancelled", detail=detail)
+            else:
+                failure = errors.provider_error("powens_webauth_failed", detail=detail)
             if flow.kind is JourneyKind.ONBOARDING and st.get("added"):
                 # An optional later source: keep what the first source gave.
                 st["current"] = None
@@ -460,7 +462,10 @@ class Journey:
         st = flow.state
         state = connection.get("state")
         key = state.casefold() if isinstance(state, str) else None
-        st["expires_at"] = expiry(connection) or st.get("expires_at")
+        expires = expiry(connection)
+        if expires is not None:
+            # flow.state is stored as JSON: text here, read back with mapping.parse_datetime.
+            st["expires_at"] = mapping.format_datetime(expires)
         if key is None:
             if flow.kind is JourneyKind.REAUTHORISATION:
                 return await self._accounts.finish_reauth(flow)
@@ -632,4 +637,4 @@ class Journey:
                 log.info("powens temporary user not deleted on cancel; it expires by itself")
             st.pop("token", None)
         st["phase"] = "cancelled"
-        return Failed(errors.provider_error("powens_cancelled"))
+        return Failed(errors.declined("powens_cancelled"))

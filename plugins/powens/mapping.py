@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -19,7 +19,12 @@ from connector.types import Account, AccountType, Balance, Transaction
 __all__ = [
     "account",
     "account_id",
+    "account_kind",
+    "account_list",
+    "accounts",
     "balance",
+    "connector_uuid",
+    "find_account",
     "format_datetime",
     "is_booked",
     "is_deleted",
@@ -87,11 +92,16 @@ def account_id(raw: Mapping[str, Any]) -> str:
     return str(raw["id"])
 
 
-def account_type(raw: Mapping[str, Any]) -> AccountType:
+def account_kind(raw: Mapping[str, Any]) -> str:
+    """Powens's account type name, casefolded (``""`` when absent), as ``options.account_types`` spells it."""
     kind = raw.get("type")
     if isinstance(kind, dict):  # documented as an object, a plain string in practice (§7.3)
         kind = kind.get("name") or kind.get("code")
-    kind = kind.casefold() if isinstance(kind, str) else ""
+    return kind.casefold() if isinstance(kind, str) else ""
+
+
+def account_type(raw: Mapping[str, Any]) -> AccountType:
+    kind = account_kind(raw)
     usage = raw.get("usage") or raw.get("original_usage")
     usage = usage.upper() if isinstance(usage, str) else ""
     if kind in ("card", "creditcard", "deferred_card"):
@@ -128,6 +138,40 @@ def account(raw: Mapping[str, Any], *, connector_uuid: str) -> Account:
         balance=balance(raw),
         iban=iban,
     )
+
+
+def connector_uuid(secrets: Mapping[str, Any] | None, current: Any, configured: str) -> str:
+    """The connector uuid that stands in for a missing BIC in :attr:`Account.bank_identifier`.
+
+    The one saved with the consent comes first: its accounts were mapped with it, and Sage matches accounts on the
+    identifier pair (§16 OP-11). Then ``current``, what Powens says now (a connection's ``connector_uuid``, or the
+    connector read at the start of a journey), then the bank's configured ``provider_bank``.
+    """
+    return str((secrets or {}).get("connector_uuid") or current or configured)
+
+
+def account_list(answer: Any, key: str = "accounts") -> list[dict[str, Any]] | None:
+    """The account objects under ``key``: ``accounts`` (the enabled ones) or, on a connection expanded with it,
+    ``all_accounts`` (disabled ones too). ``None`` when the answer has no such list; the caller picks the error."""
+    if isinstance(answer, Mapping) and isinstance(answer.get(key), list):
+        return [a for a in answer[key] if isinstance(a, dict)]
+    return None
+
+
+def accounts(
+    raw: Iterable[Mapping[str, Any]], *, connector_uuid: str, account_types: Collection[str] = ()
+) -> list[Account]:
+    """The accounts a consent can offer or link: never a deleted one, and only ``account_types`` (casefolded, the
+    bank's ``options.account_types``) when given, so the journey and ``/availableaccounts`` offer the same list."""
+    return [
+        account(a, connector_uuid=connector_uuid)
+        for a in raw
+        if not is_deleted(a) and (not account_types or account_kind(a) in account_types)
+    ]
+
+
+def find_account(raw: Iterable[Mapping[str, Any]], provider_account_id: str) -> Mapping[str, Any] | None:
+    return next((a for a in raw if a.get("id") is not None and account_id(a) == provider_account_id), None)
 
 
 def transaction_id(raw: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """The ``powens`` provider class: what the core calls. The work is done by :mod:`.journey` (the authorisation
 pages), :mod:`.feed` (accounts and transactions) and :mod:`.webhook` (signed notifications).
 
-Uses only the public contract (:mod:`connector.hookspecs`, :mod:`connector.types`).
+Uses only the public contract (:mod:`connector.hookspecs`, :mod:`connector.types`) and the helpers of
+:mod:`connector.outbound`.
 """
 
 from __future__ import annotations

@@ -52,17 +52,12 @@ def failing_source(connection: Mapping[str, Any]) -> str | None:
     return None
 
 
-def expiry(connection: Mapping[str, Any]) -> str | None:
-    """The earliest consent expiry of the connection's sources (``access_expire``, about 180 days), ISO text so
-    it can sit in ``flow.state``."""
+def expiry(connection: Mapping[str, Any]) -> datetime | None:
+    """The earliest consent expiry of the connection's sources (``access_expire``, about 180 days)."""
     found = [
         mapping.parse_datetime(s.get("access_expire"))
         for s in connection.get("sources") or []
         if isinstance(s, dict)
     ]
     dates = [d for d in found if d is not None]
-    return min(dates).isoformat() if dates else None
-
-
-def parse_expiry(value: Any) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) else None
+    return min(dates) if dates else None

@@ -43,7 +43,6 @@ from connector.testing.connector import (
     free_port,
     settings_from,
 )
-from connector.testing.fixtures import SageCalls
 from connector.testing.sage import SageEmulator
 
 #: Sage's id for the Powens bank with two sources (credentials, then webauth), which only the browser tests add.
@@ -72,7 +71,8 @@ async def chromium() -> AsyncIterator[Browser]:
         await browser.close()
 
 
-# The core fixtures (connector.testing.fixtures), again, in the session loop the browser lives in.
+# The core fixtures (connector.testing.fixtures), again, in the session loop the browser lives in. The kit's
+# ``sage_calls`` is a plain function, so it serves here as it is, on these.
 
 
 @pytest_asyncio.fixture(loop_scope=LOOP)
@@ -119,8 +119,7 @@ async def connector_factory(sage: SageEmulator, plugins: Plugins, stacks: dict[s
             endpoints, database_url=f"sqlite://{tmp_path}/connector-{len(running)}.sqlite3", port=free_port(),
             banks=[bank.config() for stack in stacks.values() for bank in stack.banks],
             providers={stack.provider: stack.config for stack in stacks.values()}, extra=extra)
-        connector = RunningConnector(settings_from(config), plugins)
-        connector.endpoints = endpoints  # type: ignore[attr-defined]
+        connector = RunningConnector(settings_from(config), plugins, endpoints=endpoints)
         await connector.start()
         running.append(connector)
         for stack in stacks.values():
@@ -136,11 +135,6 @@ async def connector_factory(sage: SageEmulator, plugins: Plugins, stacks: dict[s
 @pytest_asyncio.fixture(loop_scope=LOOP)
 async def connector(connector_factory: Any) -> RunningConnector:
     return await connector_factory()
-
-
-@pytest_asyncio.fixture(loop_scope=LOOP)
-async def sage_calls(sage: SageEmulator, connector: RunningConnector, http: aiohttp.ClientSession) -> SageCalls:
-    return SageCalls(sage, connector.endpoints, connector.url, http, connector.settle)  # type: ignore[attr-defined]
 
 
 @pytest_asyncio.fixture(loop_scope=LOOP)

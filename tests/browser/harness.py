@@ -9,12 +9,11 @@ and the journey continues in the top window (product Decision 11).
 
 from __future__ import annotations
 
-import asyncio
 import html
 import os
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -115,7 +114,8 @@ class SageSite:
     async def _frame(self, request: web.Request) -> web.Response:
         src = html.escape(request.query["src"], quote=True)
         page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sage product (test)</title>
-<style>body{{margin:0;font-family:sans-serif}} p{{margin:.5rem}} iframe{{display:block;border:0;width:100%;height:760px}}</style>
+<style>body{{margin:0;font-family:sans-serif}} p{{margin:.5rem}}
+iframe{{display:block;border:0;width:100%;height:760px}}</style>
 </head><body><p>Sage product (test): bank feeds</p>
 <iframe title="Connect your bank" src="{src}"></iframe></body></html>"""
         return web.Response(text=page, content_type="text/html")
@@ -388,7 +388,8 @@ class Person:
             return await frame.evaluate("""w => {
               const d = document.documentElement;
               if (d.scrollWidth <= Math.min(w, d.clientWidth)) return null;
-              const wide = [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > d.clientWidth)
+              const wide = [...document.querySelectorAll('body *')]
+                .filter(e => e.getBoundingClientRect().right > d.clientWidth)
                 .map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : '')).slice(0, 5);
               return 'scrollWidth ' + d.scrollWidth + ' > ' + d.clientWidth + ': ' + wide.join(', ');
             }""", width)
@@ -404,20 +405,6 @@ async def new_person(browser: Browser, site: SageSite, **context_options: Any) -
     person = await Person.in_context(context, site)
     person.scripts = context_options.get("java_script_enabled", True) is not False
     return person, context
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 10.0,
-                     message: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {message}")
-        await asyncio.sleep(0.05)
 
 
 def state_of(url: str) -> str:

@@ -4,10 +4,11 @@ inline script does not run."""
 
 from __future__ import annotations
 
-from harness import Person, SageSite, announce_and_link, eventually
+from harness import Person, SageSite, announce_and_link
 from playwright.async_api import expect
 
 from connector.demo import DEMO_BANK_ID
+from connector.testing.connector import eventually
 from connector.testing.fixtures import SageCalls
 from connector.testing.sage import SageEmulator
 
@@ -17,7 +18,7 @@ async def test_framed_from_allowed_origins_only(person: Person, connector_factor
     other = await SageSite().start()  # same host, another port: another origin
     try:
         connector = await connector_factory(extra={"security": {"frame_ancestors": [site.origin]}})
-        calls = SageCalls(sage, connector.endpoints, connector.url, http)
+        calls = SageCalls.for_connector(sage, connector, http)
 
         visit = await announce_and_link(calls, site, DEMO_BANK_ID)
         await person.open(visit.url)
@@ -27,7 +28,8 @@ async def test_framed_from_allowed_origins_only(person: Person, connector_factor
         visit = await announce_and_link(calls, other, DEMO_BANK_ID)
         person.csp_expected = True
         await person.page.goto(other.frame_url(visit.url))
-        await eventually(lambda: any("frame-ancestors" in m for m in person.console), message="the refusal")
+        await eventually(lambda: any("frame-ancestors" in m for m in person.console), timeout=10,
+                         message="the refusal")
         [framed] = person.page.main_frame.child_frames
         assert not framed.url.startswith(connector.url)  # Chromium shows its own error page instead of ours
         assert await framed.locator("h1", has_text="Sign in").count() == 0
@@ -83,5 +85,6 @@ async def test_injected_inline_script_does_not_run(person: Person, sage_calls, s
         a.click();
     }""")
     assert await frame.evaluate("() => window.injected === undefined")
-    await eventually(lambda: any("script-src" in m for m in person.csp_violations), message="the violation report")
+    await eventually(lambda: any("script-src" in m for m in person.csp_violations), timeout=10,
+                     message="the violation report")
     await expect(frame.locator("h1")).to_have_text("Sign in to Demo Bank")

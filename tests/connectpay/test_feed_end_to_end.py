@@ -20,7 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from connector.feed import unique_id
-from connector.feed.testing import settings_to_config, write_config
+from connector.feed.testing import settings_to_config
+from connector.testing.connector import write_config
 from connector.testing.connectpay import ConnectPayEmulator, entry
 from connector.testing.fixtures import DEMO_BANK_ID
 
@@ -127,17 +128,13 @@ async def feed_run_cli(connector, tmp_path) -> tuple[int | None, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def sent_to(sage, bank_account_id: str) -> list[dict]:
-    return [s["data"] for s in sage.statements if s["data"]["principalId"] == bank_account_id]
-
-
 def check_delivered(sage, cp, bank_account_id: str, resource_id: str, currency: str) -> list[dict]:
     """Every booked entry of this account and currency reached Sage exactly once, pending ones never; statements
     chain their balances, oldest first, ending at ConnectPay's current balance."""
     got = sage.transactions_by_account.get(bank_account_id, [])
     assert len(got) == len(set(got)), "a transaction was sent twice"
     assert set(got) == expected_ids(cp, bank_account_id, resource_id, currency)
-    statements = [s for s in sent_to(sage, bank_account_id) if s["transactionDetails"]]
+    statements = [s for s in sage.statements_for(bank_account_id) if s["transactionDetails"]]
     previous = None
     for data in statements:
         txs = data["transactionDetails"]
@@ -172,7 +169,7 @@ async def test_psd2_history_reaches_sage_once_and_balances_chain(sage, sage_call
         assert sage.account_status[bank_account_id] == "active"
     main = linked["LT601010012345678901"][1]
     assert report.outcomes[main].transactions == 5  # the pending card payment is not among them
-    descriptions = [t["description"] for s in sent_to(sage, main) for t in s["transactionDetails"]]
+    descriptions = [t["description"] for s in sage.statements_for(main) for t in s["transactionDetails"]]
     assert "Pending card payment" not in " ".join(descriptions)
 
     # Nothing new at ConnectPay: the next run sends nothing.
@@ -201,14 +198,14 @@ async def test_psd2_lost_consent_sends_one_auth_required_then_authrefresh_catche
     assert code == 1, (out, err)
     [line] = [line for line in out.splitlines() if line.startswith(bank_account_id)]
     assert "auth_required" in line and "authRequired sent" in line, line
-    notices = [s for s in sent_to(sage, bank_account_id)
+    notices = [s for s in sage.statements_for(bank_account_id)
                if s["accountDetails"][0]["status"] == "authRequired"]
     assert len(notices) == 1 and notices[0]["transactionDetails"] == []
     assert sage.account_status[bank_account_id] == "authRequired"
     # Every account of the lost consent gets its own single notice, in the same run.
     for _, other in linked.values():
         assert other in out
-        assert sum(1 for s in sent_to(sage, other) if s["accountDetails"][0]["status"] == "authRequired") == 1
+        assert sum(1 for s in sage.statements_for(other) if s["accountDetails"][0]["status"] == "authRequired") == 1
 
     # A second run while the consent is still lost: reported again, nothing more sent.
     posts = len(sage.requests_to("/v1/statements", "POST"))
@@ -228,7 +225,7 @@ async def test_psd2_lost_consent_sends_one_auth_required_then_authrefresh_catche
     assert report.outcomes[bank_account_id].transactions == 2
     check_delivered(sage, cp, bank_account_id, "LT-ACC-0001", "EUR")
     assert sage.account_status[bank_account_id] == "active"
-    assert sum(1 for s in sent_to(sage, bank_account_id)
+    assert sum(1 for s in sage.statements_for(bank_account_id)
                if s["accountDetails"][0]["status"] == "authRequired") == 1
 
 

@@ -18,7 +18,6 @@ from plugins.connectpay.mapping import (
     parse_sca_verify,
     parse_token_response,
     parse_transactions,
-    split_account_id,
 )
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -86,8 +85,6 @@ def test_multi_currency_split() -> None:
     assert usd.account.masked_identifier == "8901"
     assert eur.ledger is not None and eur.ledger.balance_type == "closingBooked"
     assert usd.account.balance is not None and usd.account.balance.amount == Decimal("7.25")
-    assert split_account_id("M-XXX:EUR") == ("M-XXX", "EUR")
-    assert split_account_id("LT-1") == ("LT-1", None)
 
 
 def test_accounts_schema_drift_names_the_path() -> None:

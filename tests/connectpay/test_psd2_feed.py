@@ -15,6 +15,7 @@ from cp_support import MemoryConsent, ProviderFactory, psd2_consent
 from connector.testing.connectpay import ConnectPayEmulator, entry
 from connector.types import Account, ActionRequired, TemporaryError
 from plugins.connectpay import ConnectPay
+from plugins.connectpay.client import Endpoint, Pacer
 
 TOKEN = "/auth/v1/oauth2/token"
 
@@ -96,6 +97,19 @@ async def test_multi_currency_account_is_read_per_currency(
     assert eur.balance is not None and eur.balance.amount == Decimal("300.00")
     assert usd.balance is not None and (usd.balance.amount, usd.balance.currency) == (Decimal("125.50"), "USD")
     assert all("/LT-ACC-0002-XXX/" in r.path for r in emulator.calls("/ob/accounts/LT-ACC-0002"))
+
+
+async def test_balances_path_keeps_balances_in_the_account_list(
+    make_provider: ProviderFactory, emulator: ConnectPayEmulator
+) -> None:
+    """The list's balances split a multi-currency account per currency (OP-27): without them the read fails, so the
+    list keeps ``withBalance`` even when a balances endpoint is configured."""
+    provider = make_provider(psd2={"balances_path": "/ob/accounts/{accountId}/balances"})
+    consent, done = await psd2_consent(provider, emulator)
+    since = emulator.clock.now().date() - timedelta(days=30)
+    usd = await provider.read_account(consent, account(done.grant.accounts, "LT-ACC-0002-XXX:USD"), since, None)
+    assert usd.balance is not None and (usd.balance.amount, usd.balance.currency) == (Decimal("125.50"), "USD")
+    assert len(emulator.calls("/ob/accounts/LT-ACC-0002-XXX/balances")) == 1
 
 
 async def test_refresh_before_expiry_saves_rotation_before_use(
@@ -326,3 +340,12 @@ async def test_next_link_to_another_host_is_refused(provider: ConnectPay, emulat
         await provider.read_account(consent, done.grant.accounts[0], emulator.clock.now().date(), None)
     assert refused.value.code == "connectpay_unexpected_answer"
     assert len(emulator.calls("/ob/accounts/LT-ACC-0001/transactions")) == 1  # nothing sent elsewhere
+
+
+def test_next_link_with_the_default_port_written_out_is_this_host() -> None:
+    endpoint = Endpoint("https://api.connectpay.com", lambda: None, Pacer(1.0, 1))  # type: ignore[arg-type, return-value]
+    same = "https://api.connectpay.com:443/ob/accounts/x/transactions?pageNo=2"
+    assert endpoint.resolve(same) == same
+    assert endpoint.resolve("/ob/accounts/x/transactions?pageNo=2") == same.replace(":443", "")
+    assert endpoint.resolve("https://api.connectpay.com:8443/ob/accounts/x/transactions") is None
+    assert endpoint.resolve("http://api.connectpay.com/ob/accounts/x/transactions") is None

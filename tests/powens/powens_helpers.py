@@ -13,9 +13,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import pytest
 
 from connector.hookspecs import BankInfo, Flow
-from connector.testing.powens import CREDENTIALS_BANK
+from connector.testing.powens import CREDENTIALS_BANK, PowensEmulator
 from connector.types import (
     Account,
     ChooseAccounts,
@@ -97,6 +98,26 @@ def make_flow(info: BankInfo, *, kind: JourneyKind = JourneyKind.ONBOARDING, con
               linked: Sequence[Account] = ()) -> Flow:
     return Flow(journey_id=secrets.token_hex(8), kind=kind, bank=info, state={}, client_ip="127.0.0.1",
                 issue_state=StateIssuer(), consent=consent, linked_accounts=tuple(linked))
+
+
+def object_form_types(powens: PowensEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Account ``type`` in its documented object form (the emulator, like Powens in practice, sends a string)."""
+    plain = powens._account_json
+    monkeypatch.setattr(powens, "_account_json", lambda a: {**plain(a), "type": {"id": 1, "name": a.type}})
+
+
+def deleted_in_all_accounts(powens: PowensEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted accounts listed in a connection's ``all_accounts``, as the emulator's ``?all`` listing lists them."""
+    plain = powens._connection_json
+
+    def connection_json(conn: Any, expand: set[str]) -> dict[str, Any]:
+        out = plain(conn, expand)
+        if "all_accounts" in expand:
+            out["all_accounts"] = [powens._account_json(a) for a in powens.accounts.values()
+                                   if a.connection_id == conn.id]
+        return out
+
+    monkeypatch.setattr(powens, "_connection_json", connection_json)
 
 
 def submit(action: str, **values: str) -> FlowEvent:

@@ -6,10 +6,20 @@ import json
 import logging
 
 import pytest
-from powens_helpers import bank, choose, link, make_flow, sign_in, submit
+from powens_helpers import bank, choose, link, make_flow, object_form_types, sign_in, submit
 
 from connector.testing.powens import CREDENTIALS_BANK, RESTRICTED_BANK, PowensEmulator
-from connector.types import ChooseAccounts, Done, Failed, FlowEvent, Form, JourneyKind, Step, TemporaryError
+from connector.types import (
+    ChooseAccounts,
+    Declined,
+    Done,
+    Failed,
+    FlowEvent,
+    Form,
+    JourneyKind,
+    Step,
+    TemporaryError,
+)
 from plugins.powens import Powens
 
 
@@ -136,6 +146,7 @@ async def test_cancel_deletes_the_temporary_user(provider: Powens, powens: Powen
     (user,) = powens.users.values()
     step = await provider.resume(flow, FlowEvent(kind="cancel"))
     assert isinstance(step, Failed) and step.error.code == "powens_cancelled"
+    assert isinstance(step.error, Declined)
     assert user.deleted
 
 
@@ -163,6 +174,16 @@ async def test_choose_requires_an_offered_account(provider: Powens) -> None:
 
 
 async def test_account_type_option_filters_the_list(provider: Powens) -> None:
+    flow = make_flow(bank(CREDENTIALS_BANK, account_types=["checking"]))
+    step = await sign_in(provider, flow)
+    assert isinstance(step, ChooseAccounts)
+    assert [a.name for a in step.accounts] == ["Business current account"]
+
+
+async def test_account_type_option_reads_the_object_form(
+    provider: Powens, powens: PowensEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    object_form_types(powens, monkeypatch)
     flow = make_flow(bank(CREDENTIALS_BANK, account_types=["checking"]))
     step = await sign_in(provider, flow)
     assert isinstance(step, ChooseAccounts)

@@ -6,11 +6,12 @@ from datetime import date, timedelta
 from decimal import Decimal
 
 import pytest
-from powens_helpers import MemoryConsent, Sleeper
+from powens_helpers import MemoryConsent, Sleeper, bank, deleted_in_all_accounts, object_form_types
 
 from connector.testing.powens import PowensEmulator
 from connector.types import Account, ActionRequired, Done, TemporaryError
 from plugins.powens import Powens
+from plugins.powens.client import same_origin
 
 
 def first_account(done: Done) -> Account:
@@ -25,6 +26,28 @@ async def test_list_accounts_reads_every_account(provider: Powens, linked: tuple
     accounts = await provider.list_accounts(consent)
     assert {a.provider_account_id for a in accounts} >= {a.provider_account_id for a in done.grant.accounts}
     assert all(a.bank_identifier and a.account_identifier for a in accounts)
+
+
+async def test_list_accounts_leaves_out_deleted_accounts(
+    provider: Powens, powens: PowensEmulator, linked: tuple[MemoryConsent, Done], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consent, done = linked
+    deleted_in_all_accounts(powens, monkeypatch)
+    card = next(a for a in done.grant.accounts if a.name == "Business card")
+    powens.accounts[int(card.provider_account_id)].deleted = powens.now()
+    accounts = await provider.list_accounts(consent)
+    assert [a.name for a in accounts] == ["Business current account"]
+
+
+async def test_list_accounts_applies_the_account_type_option(
+    provider: Powens, powens: PowensEmulator, linked: tuple[MemoryConsent, Done], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linked_consent, _ = linked
+    consent = MemoryConsent("consent-1", linked_consent.provider_consent_id, bank(account_types=["checking"]),
+                            dict(linked_consent.stored))
+    assert [a.name for a in await provider.list_accounts(consent)] == ["Business current account"]
+    object_form_types(powens, monkeypatch)
+    assert [a.name for a in await provider.list_accounts(consent)] == ["Business current account"]
 
 
 async def test_first_read_is_booked_only(provider: Powens, powens: PowensEmulator,
@@ -180,6 +203,13 @@ async def test_next_link_to_another_origin_is_not_followed(provider: Powens, pow
     with pytest.raises(TemporaryError):
         await provider.read_account(consent, first_account(done), SINCE, None)
     assert len([c for c in powens.calls if c.path.endswith("/transactions")]) == 1
+
+
+def test_next_link_with_the_default_port_written_out_is_the_same_origin() -> None:
+    base = "https://acme-sandbox.biapi.pro/2.0"
+    assert same_origin("https://acme-sandbox.biapi.pro:443/2.0/users/me/accounts/1/transactions?cursor=x", base)
+    assert not same_origin("https://acme-sandbox.biapi.pro:8443/2.0/users/me/accounts", base)
+    assert not same_origin("http://acme-sandbox.biapi.pro/2.0/users/me/accounts", base)
 
 
 async def test_disabled_account(provider: Powens, powens: PowensEmulator, linked: tuple[MemoryConsent, Done]) -> None:

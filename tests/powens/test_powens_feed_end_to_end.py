@@ -104,12 +104,8 @@ def book(powens: PowensEmulator, transaction_id: int) -> None:
     powens.accounts[tx.account_id].balance += tx.value
 
 
-def sent_to(sage, bank_account_id: str) -> list[dict]:
-    return [s["data"] for s in sage.statements if s["data"]["principalId"] == bank_account_id]
-
-
 def notices(sage, bank_account_id: str) -> int:
-    return sum(1 for s in sent_to(sage, bank_account_id) if s["accountDetails"][0]["status"] == "authRequired")
+    return sum(1 for s in sage.statements_for(bank_account_id) if s["accountDetails"][0]["status"] == "authRequired")
 
 
 def check_delivered(sage, powens: PowensEmulator, account_id: int, bank_account_id: str) -> None:
@@ -121,7 +117,7 @@ def check_delivered(sage, powens: PowensEmulator, account_id: int, bank_account_
               and t.deleted is None]
     assert set(got) == {unique_id(bank_account_id, "powens", str(t.id)) for t in booked}
     previous = None
-    for data in (s for s in sent_to(sage, bank_account_id) if s["transactionDetails"]):
+    for data in (s for s in sage.statements_for(bank_account_id) if s["transactionDetails"]):
         txs = data["transactionDetails"]
         assert 1 <= len(txs) <= BATCH
         balances = data["accountDetails"][0]["balances"]
@@ -177,7 +173,7 @@ async def test_paged_history_then_only_new_transactions_after_a_webhook(sage, sa
     assert (outcome.state, outcome.transactions) == ("live", 3)
     later = transaction_reads(powens_api)[len(first):]
     assert later and all("last_update" in c.query and "min_date" not in c.query for c in later)
-    last = sent_to(sage, linked[current][1])[-1]["transactionDetails"]
+    last = sage.statements_for(linked[current][1])[-1]["transactionDetails"]
     assert {t["uniqueId"] for t in last} == {unique_id(linked[current][1], "powens", str(i))
                                              for i in (pending, *new[:2])}
     for account_id, (_, bank_account_id) in linked.items():

@@ -34,6 +34,25 @@ def test_account_type(kind: str | None, usage: str | None, expected: AccountType
     assert mapping.account_type({"type": kind, "usage": usage}) is expected
 
 
+def test_account_type_in_the_documented_object_form() -> None:
+    raw = {"id": 3, "type": {"id": 1, "name": "checking"}, "usage": "PRIV"}
+    assert mapping.account_type(raw) is AccountType.PERSONAL
+    assert [a.provider_account_id for a in mapping.accounts([raw], connector_uuid=UUID, account_types=("checking",))] \
+        == ["3"]
+    assert mapping.accounts([raw], connector_uuid=UUID, account_types=("card",)) == []
+
+
+def test_accounts_leave_out_deleted_ones() -> None:
+    kept, gone = {"id": 1, "type": "checking"}, {"id": 2, "type": "checking", "deleted": "2025-01-05 00:00:00"}
+    assert [a.provider_account_id for a in mapping.accounts([kept, gone], connector_uuid=UUID)] == ["1"]
+
+
+def test_connector_uuid_prefers_the_one_saved_with_the_consent() -> None:
+    assert mapping.connector_uuid({"connector_uuid": "saved"}, "current", "configured") == "saved"
+    assert mapping.connector_uuid({}, "current", "configured") == "current"
+    assert mapping.connector_uuid(None, None, "configured") == "configured"
+
+
 def test_account_identifiers_are_stable_and_never_empty() -> None:
     before = {"id": 7, "name": "Current", "number": "XXXX 1234", "iban": None, "currency": {"id": "EUR"}}
     after = {**before, "iban": "FR76 3000 1007 9412 3456 7890 185", "balance": Decimal("10.5")}

@@ -9,7 +9,7 @@ import pytest
 from powens_helpers import bank, bank_decision, callback, choose, make_flow, submit
 
 from connector.testing.powens import WEBAUTH_BANK, WEBAUTH_FIELDS_BANK, PowensEmulator
-from connector.types import ChooseAccounts, Done, Failed, FlowEvent, Form, Redirect
+from connector.types import ChooseAccounts, Declined, Done, Failed, FlowEvent, Form, Redirect
 from plugins.powens import Powens
 
 
@@ -56,6 +56,7 @@ async def test_error_callback(provider: Powens, powens: PowensEmulator, error: s
     assert step.error.detail  # the provider's own text, only in detail
     assert step.error.detail not in step.error.message
     assert powens.connections == {}
+    assert isinstance(step.error, Declined) is (error == "access_denied")
 
 
 async def test_callback_naming_another_connection_is_refused(provider: Powens, powens: PowensEmulator) -> None:
